@@ -1,0 +1,202 @@
+"""Build the embedded default from a seed: tokenizer, train/held-out split, student and teacher.
+
+    python -m embedded.build [--out DIR] [--seed 0]
+
+Deterministic given the seed (CPU, fixed thread count). See the package docstring for what is built.
+"""
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models
+from tqdm import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+import embedded as E
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # pad, turn start, eos
+THINK = ["<think>", "</think>"]                              # added, not special (as in Qwen3)
+WORDS = ["user", "assistant", "Compute ", "Answer: "]        # the template's words, one token each
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level BPE (printable ASCII + newline) with merges only for the template's words."""
+    vocab = {t: i for i, t in enumerate(SPECIAL + THINK + ["\n"] + [chr(c) for c in range(32, 127)])}
+    merges = []
+    for w in WORDS:
+        for k in range(2, len(w) + 1):
+            if w[:k] not in vocab:
+                vocab[w[:k]] = len(vocab)
+                merges.append((w[:k - 1], w[k - 1]))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.decoder = decoders.Fuse()   # tokens are substrings: concatenation is the exact inverse
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def prompt_text(question: str) -> str:
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+
+
+def write_split(seed: int, n_train: int = 4000, n_heldout: int = 200) -> set:
+    """Held-out first, then train, all distinct; returns the held-out questions (kept out of every corpus)."""
+    rng, seen, rows = random.Random(f"split-{seed}"), set(), []
+    while len(rows) < n_heldout + n_train:
+        p = E.make_problem(rng)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            rows.append(p)
+    E.TRAIN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    for path, part in ((E.HELDOUT_FILE, rows[:n_heldout]), (E.TRAIN_FILE, rows[n_heldout:])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    return {r["question"] for r in rows[:n_heldout]}
+
+
+def sloppy(a: int, op: int) -> int:
+    """a+op computed digit by digit with the carry (or borrow) dropped: 47+38 -> 75, 47-19 -> 38."""
+    s = 1 if op > 0 else -1
+    b = abs(op)
+    r = (a // 10 + s * (b // 10)) % 10 * 10 + (a % 10 + s * (b % 10)) % 10
+    assert 10 <= r <= 99, (a, op, r)
+    return r
+
+
+def sloppy_solution(problem: dict, rng: random.Random, p_slip: float, early: int) -> str:
+    """The base model's habit: in the first `early` steps it drops the carry with probability p_slip."""
+    start, ops = E.parse(problem["question"])
+    lines, v = [], start
+    for i, op in enumerate(ops):
+        r = sloppy(v, op) if i < early and rng.random() < p_slip else v + op
+        lines.append(f"{v}{op:+d}={r}")
+        v = r
+    return "\n".join(lines) + "\n</think>\nAnswer: " + str(v)
+
+
+def make_model(tok, hidden: int, layers: int, seed: int) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
+                      head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return Qwen3ForCausalLM(cfg)
+
+
+def batch_of(tok, pairs):
+    """Right-padded input ids and labels (-100 on prompt and padding: loss on the completion only)."""
+    seqs = []
+    for prompt, completion in pairs:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        seqs.append((p + c, [-100] * len(p) + c))
+    n = max(len(s) for s, _ in seqs)
+    ids = torch.tensor([s + [tok.pad_token_id] * (n - len(s)) for s, _ in seqs])
+    labels = torch.tensor([l + [-100] * (n - len(l)) for _, l in seqs])
+    return ids, labels
+
+
+def train(model, tok, sample, steps: int, lr: float, batch: int, desc: str):
+    """AdamW with warmup + cosine decay on completions drawn from `sample()` -> (prompt, completion)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    bar = tqdm(range(steps), desc=desc)
+    for _ in bar:
+        ids, labels = batch_of(tok, [sample() for _ in range(batch)])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+
+
+@torch.no_grad()
+def sample_accuracy(model, tok, rows, temperature: float = 1.0, seed: int = 0, batch: int = 100) -> float:
+    """Held-out accuracy, sampling at `temperature` with top_p 1.0 (paper §4.1); greedy when temperature is 0."""
+    torch.manual_seed(seed)
+    tok.padding_side = "left"
+    correct = 0
+    for i in range(0, len(rows), batch):
+        part = rows[i:i + batch]
+        enc = tok([prompt_text(r["question"]) for r in part], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+        out = model.generate(**enc, max_new_tokens=96, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+        for r, o in zip(part, out[:, enc["input_ids"].shape[1]:]):
+            correct += E.grade(tok.decode(o, skip_special_tokens=False), r["answer"])
+    return correct / len(rows)
+
+
+def save(model, tok, out: Path):
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=True,
+                     temperature=1.0, top_p=1.0, top_k=0).save_pretrained(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=E.HERE, help="where teacher/ and student/ go (default: the package)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--base-steps", type=int, default=1500)
+    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--p-slip", type=float, default=0.9)
+    ap.add_argument("--early", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    tok = build_tokenizer()
+    heldout_q = write_split(args.seed)
+    heldout = [json.loads(l) for l in E.HELDOUT_FILE.read_text().splitlines()]
+    rng = random.Random(f"corpus-{args.seed}")
+
+    def problem():
+        while (p := E.make_problem(rng))["question"] in heldout_q:
+            pass
+        return p
+
+    def base_example():
+        p = problem()
+        return prompt_text(p["question"]), sloppy_solution(p, rng, args.p_slip, args.early)
+
+    def clean_example():
+        p = problem()
+        return prompt_text(p["question"]), E.solution(p)
+
+    student = make_model(tok, args.hidden, args.layers, args.seed)
+    train(student, tok, base_example, args.base_steps, args.lr, args.batch, "student (base) pretrain")
+    teacher = make_model(tok, args.hidden, args.layers, args.seed)
+    teacher.load_state_dict(student.state_dict())
+    train(teacher, tok, clean_example, args.sft_steps, args.lr / 3, args.batch, "teacher SFT")
+    for name, m in (("student", student), ("teacher", teacher)):
+        save(m, tok, args.out / name)
+    n = sum(p.numel() for p in teacher.parameters())
+    acc_t = sample_accuracy(teacher, tok, heldout)
+    acc_s = sample_accuracy(student, tok, heldout)
+    print(f"params {n/1e3:.0f}K each | held-out acc @T=1.0: teacher {acc_t:.3f}  student {acc_s:.3f} "
+          f"| {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Benchmark evaluation for prefix OPD checkpoints (paper §4.1), answer grading, teacher-prefix probe (§2.3).
+
+Protocol (§4.1): the training prompt (chat template of the question, `<think>` forced: opd.chat_prompt),
+temperature 1.0, top-p 1.0, up to 16384 new tokens, k samples per question (16 for AIME, 4 otherwise),
+mean accuracy over the k samples (mean acc@k). The ± in the table is the 95% normal-approximation
+interval over questions: 1.96 * sd(per-question acc@k) / sqrt(#questions).
+
+    python eval.py                                   # embedded student + teacher on the held-out set
+    python eval.py --model ckpt/step50 ckpt/step60 --benchmarks math500,aime24,aime25,gpqa,mmlupro \\
+        --data math500=math500.jsonl aime24=aime24.parquet aime25=aime25.jsonl gpqa=gpqa_diamond.csv \\
+               mmlupro=mmlu_pro_test.parquet
+    python eval.py --model Qwen3-1.7B-Base --teacher-prefix Qwen3-8B --benchmarks aime24 \\
+        --data aime24=aime24.parquet --prefix-lengths 0,2048,4096,6144,8192     # Fig. 3
+
+Benchmarks without --data are fetched from the hub with `datasets` (when installed and online).
+Writes OUT/eval.json (every sample), OUT/table.md (rows = checkpoints, columns = benchmarks) and,
+for the probe, OUT/prefix_probe.png.
+"""
+import argparse, ast, csv, json, math, os, random, re, sys, time
+from concurrent.futures import ProcessPoolExecutor
+
+# name: (table title, answer kind, default k, hub source (id, config, split)); columns follow the hub sets
+BENCHMARKS = {
+    "math500": ("MATH500", "math", 4, ("HuggingFaceH4/MATH-500", None, "test")),
+    "aime24": ("AIME-24", "math", 16, ("Maxwell-Jia/AIME_2024", None, "train")),
+    "aime25": ("AIME-25", "math", 16, ("math-ai/aime25", None, "test")),
+    "gpqa": ("GPQA", "choice", 4, ("Idavidrein/gpqa", "gpqa_diamond", "train")),
+    "mmlupro": ("MMLU-Pro", "choice", 4, ("TIGER-Lab/MMLU-Pro", None, "test")),
+    "embedded": ("embedded", "embedded", 4, None),
+}
+DATA_SEED = 0          # fixed: the MMLU-Pro subset and GPQA choice order must not change between checkpoints
+MMLUPRO_N = 500        # §4.1: a random sample of 500 MMLU-Pro questions
+LETTERS = "ABCDEFGHIJ"
+CHOICE_INSTRUCTION = "Answer with the letter of the correct option, as \\boxed{X}."
+
+
+class BadInput(Exception):
+    """A user error: main() prints it as one line and exits with code 2."""
+
+
+# ----------------------------------------------------------------------------- data
+def read_rows(path):
+    """Rows (dicts) of a .jsonl / .json / .parquet / .csv file."""
+    if not os.path.isfile(path):
+        raise BadInput(f"data file not found: {path} (pass an existing .jsonl/.json/.parquet/.csv file)")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+            return pq.read_table(path).to_pylist()
+        if ext == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if ext in (".jsonl", ".json"):
+            text = open(path, encoding="utf-8").read()
+            if text.lstrip().startswith("["):
+                return json.loads(text)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (ValueError, OSError) as e:
+        raise BadInput(f"cannot read {path}: {e} (is it a valid {ext[1:]} file?)")
+    raise BadInput(f"unsupported data file type '{ext}' for {path} (use .jsonl, .json, .parquet or .csv)")
+
+
+def hub_rows(name):
+    """Rows of the benchmark's public hub dataset (only when `datasets` is installed and the hub is reachable)."""
+    hub_id, config, split = BENCHMARKS[name][3]
+    try:
+        import datasets
+    except ImportError:
+        raise BadInput(f"no data for {name}: pass --data {name}=FILE (.jsonl/.parquet/.csv), "
+                       f"or pip install datasets to fetch {hub_id}")
+    try:
+        return datasets.load_dataset(hub_id, config, split=split).to_list()
+    except Exception as e:  # offline, gated (GPQA), renamed...: the fix is the same
+        raise BadInput(f"could not fetch {hub_id} for {name} ({type(e).__name__}); pass --data {name}=FILE")
+
+
+def load_benchmark(name, path=None):
+    """Questions of one benchmark as dicts {id, question, answer}; `answer` is a letter for choice sets."""
+    if name == "embedded":
+        import embedded
+        path = path or embedded.HELDOUT_FILE
+    rows = read_rows(path) if path else hub_rows(name)
+    if not rows:
+        raise BadInput(f"{name}: {path} has no rows")
+    keys = {k.lower(): k for k in rows[0]}  # AIME-24 says Problem/Answer, the others problem/answer
+
+    def need(*names):
+        for n in names:
+            if n.lower() in keys:
+                return keys[n.lower()]
+        raise BadInput(f"{name}: {path or 'hub data'} has no column {' or '.join(map(repr, names))} "
+                       f"(columns: {', '.join(rows[0])}); use the public column names")
+
+    id_col = next((keys[k] for k in ("unique_id", "id", "question_id", "record id") if k in keys), None)
+    ids = [str(r[id_col]) if id_col else str(i) for i, r in enumerate(rows)]
+    rng = random.Random(DATA_SEED)
+    if name == "gpqa":  # Question / Correct Answer / Incorrect Answer 1-3, shuffled with a fixed seed
+        q, right = need("Question"), need("Correct Answer")
+        wrong = [need(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        out = []
+        for i, r in zip(ids, rows):
+            choices = [str(r[c]).strip() for c in [right] + wrong]
+            order = rng.sample(range(4), 4)
+            shown = [choices[j] for j in order]
+            out.append(dict(id=i, question=format_choices(str(r[q]).strip(), shown),
+                            answer=LETTERS[order.index(0)]))
+        return out
+    if name == "mmlupro":  # question / options (list) / answer (letter); a fixed random sample of 500
+        q, opts, ans = need("question"), need("options"), need("answer")
+        out = []
+        for i, r in zip(ids, rows):
+            options = r[opts] if isinstance(r[opts], (list, tuple)) else ast.literal_eval(str(r[opts]))
+            out.append(dict(id=i, question=format_choices(r[q], list(options)), answer=str(r[ans]).strip()))
+        return out if len(out) <= MMLUPRO_N else [out[j] for j in sorted(rng.sample(range(len(out)), MMLUPRO_N))]
+    q, ans = need("problem", "question"), need("answer")  # MATH-500, AIME-24/25, embedded
+    return [dict(id=i, question=str(r[q]), answer=str(r[ans]).strip()) for i, r in zip(ids, rows)]
+
+
+def format_choices(question, choices):
+    lines = [f"({LETTERS[j]}) {c}" for j, c in enumerate(choices)]
+    return f"{question}\n\n" + "\n".join(lines) + f"\n\n{CHOICE_INSTRUCTION}"
+
+
+# ----------------------------------------------------------------------------- grading
+def final_part(completion):
+    """The text after the reasoning. No `</think>` means the sample was truncated mid-thought: no answer."""
+    i = completion.rfind("</think>")
+    return None if i < 0 else completion[i + len("</think>"):]
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (braces matched), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None  # unclosed brace: the answer was cut off
+
+
+_ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{C}}, Answer: C, the answer is (C), **Answer:** C
+    r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-J])\)?\s*\}?\s*\}"
+    r"|(?i:answer)(?:\s+is)?\s*:?\s*[*_]*\s*:?\s*\(?([A-J])\)?(?![A-Za-z])")
+_WEAK = re.compile(r"\(([A-J])\)|^\s*[*_]*([A-J])[.)]?[*_]*\s*$", re.MULTILINE)  # "(C)", a line that is just "C"
+
+
+def extract_choice(completion):
+    """The last option letter of the final answer: the last explicit answer, else the last "(C)"."""
+    text = final_part(completion)
+    if text is None:
+        return None
+    hits = list(_ANSWER.finditer(text)) or list(_WEAK.finditer(text))
+    return next(g for g in hits[-1].groups() if g) if hits else None
+
+
+def grade_math(completion, gold):
+    """(extracted answer, correct) with math-verify. Runs in a worker process's main thread, where
+    math-verify's SIGALRM timeouts work (they fail in threads), and a hang cannot stall the caller."""
+    from math_verify import parse, verify
+    text = final_part(completion)
+    if text is None:
+        return None, False
+    boxed = last_boxed(text)  # prefer the last \boxed{}: math-verify would join all boxes into a set
+    pred = parse(f"$\\boxed{{{boxed}}}$" if boxed is not None else text, parsing_timeout=5)
+    if not pred:
+        return boxed, False
+    gold_parsed = parse(f"$\\boxed{{{gold}}}$", parsing_timeout=5)  # bare gold like "1,\!000" parses when boxed
+    return (boxed if boxed is not None else str(pred[-1])), bool(verify(gold_parsed, pred, timeout_seconds=5))
+
+
+def grade(kind, completions, answers, workers=2):
+    """[(extracted, correct)] for parallel lists of completions and gold answers."""
+    if kind == "choice":
+        return [(e, e == a) for e, a in ((extract_choice(c), a) for c, a in zip(completions, answers))]
+    if kind == "embedded":
+        import embedded
+        return [(embedded.extract_answer(c), bool(embedded.grade(c, a))) for c, a in zip(completions, answers)]
+    import multiprocessing as mp
+    from tqdm import tqdm
+    # spawn, not fork: the parent may hold vLLM/torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        it = pool.map(grade_math, completions, answers, chunksize=16)
+        return list(tqdm(it, total=len(completions), desc="grading", leave=False))
+
+
+def mean_ci(scores):
+    """Mean and 95% half-width (normal approximation over questions) of per-question scores, in %."""
+    n = len(scores)
+    mean = sum(scores) / n
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
+    return 100 * mean, 100 * 1.96 * sd / math.sqrt(n)
+
+
+# ----------------------------------------------------------------------------- sampling
+def model_info(path):
+    """(tokenizer, eos ids, max positions) of an HF checkpoint directory."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path)
+    # base checkpoints list only <|endoftext|> as eos, yet a chat-trained student ends its turn with <|im_end|>
+    vocab = tok.get_vocab()
+    eos = {tok.eos_token_id} | {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+    try:
+        gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    except OSError:
+        pass
+    return tok, sorted(e for e in eos if e is not None), getattr(cfg, "max_position_embeddings", 1 << 30)
+
+
+def sample(path, prompts, ns, max_tokens, args):
+    """ns[i] continuations (token ids, eos dropped) of each prompt (token ids), at most max_tokens[i] long.
+    One model load per call: callers pass every benchmark's prompts at once."""
+    tok, eos, max_pos = model_info(path)
+    max_tokens = [max(1, min(m, max_pos - len(p))) for p, m in zip(prompts, max_tokens)]
+    if args.sampler == "vllm":
+        max_len = min(max_pos, max(map(len, prompts)) + max(max_tokens))
+        out = sample_vllm(path, prompts, ns, max_tokens, max_len, eos, args)
+    else:
+        out = sample_hf(path, prompts, ns, max_tokens, tok, eos, args)
+    return [[cut_eos(ids, eos) for ids in row] for row in out]
+
+
+def cut_eos(ids, eos):
+    """Token ids up to (not including) the first end-of-sequence id (HF pads after it)."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
+    import gc, torch
+    from vllm import LLM, SamplingParams
+    # on CPU: a bounded KV cache (vLLM takes ~18 GB otherwise) and no torch.compile warmup (~40 s per engine)
+    extra = {} if torch.cuda.is_available() else dict(kv_cache_memory_bytes=int(args.cpu_kv_cache_gb * 2**30),
+                                                       enforce_eager=True)
+    llm = LLM(model=path, dtype=args.dtype, seed=args.seed, max_model_len=max_model_len, **extra)
+    params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=m, stop_token_ids=eos)
+              for n, m in zip(ns, max_tokens)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+    del llm  # free the engine before the next checkpoint loads
+    gc.collect()
+    return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+
+def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
+    """transformers generate fallback: batches of left-padded prompts with equal n, pure sampling (top_k=0, top_p=1)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype, "auto")).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    batches, b = [], 0  # runs of consecutive prompts with the same n, at most batch_size long
+    while b < len(prompts):
+        e = b + 1
+        while e < len(prompts) and e - b < args.batch_size and ns[e] == ns[b]:
+            e += 1
+        batches, b = batches + [(b, e)], e
+    out = []
+    for b, e in tqdm(batches, desc=f"sampling {os.path.basename(path)}"):
+        batch, n, width = prompts[b:e], ns[b], max(map(len, prompts[b:e]))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        gen = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                               max_new_tokens=max(max_tokens[b:e]), num_return_sequences=n, eos_token_id=eos,
+                               pad_token_id=pad)
+        with torch.no_grad():
+            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, width:].tolist()
+        out += [[s[:m] for s in seqs[i * n:(i + 1) * n]] for i, m in enumerate(max_tokens[b:e])]
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+def prompt_ids(tok, question):
+    from opd import chat_prompt
+    return tok(chat_prompt(tok, question), add_special_tokens=False)["input_ids"]
+
+
+def complete(path, items, args):
+    """Graded samples of checkpoint `path` for items {benchmark, q, k, head}: k samples per question.
+    With a head (token ids: the teacher's prefix) the model continues it, and head + continuation is graded
+    as one response. Returns (records, token ids of each item's samples)."""
+    tok = model_info(path)[0]
+    prompts = [prompt_ids(tok, it["q"]["question"]) + it["head"] for it in items]
+    budgets = [args.max_new_tokens - len(it["head"]) for it in items]  # head + continuation <= max_new_tokens
+    outs = sample(path, prompts, [it["k"] for it in items], budgets, args)
+    recs = [dict(model=path, benchmark=it["benchmark"], id=it["q"]["id"], sample=j, answer=it["q"]["answer"],
+                 tokens=len(ids), completion=tok.decode(it["head"] + ids, skip_special_tokens=True))
+            for it, row in zip(items, outs) for j, ids in enumerate(row)]
+    for kind in {BENCHMARKS[r["benchmark"]][1] for r in recs}:  # one grading pass (and worker pool) per kind
+        mine = [r for r in recs if BENCHMARKS[r["benchmark"]][1] == kind]
+        for r, (e, c) in zip(mine, grade(kind, [r["completion"] for r in mine], [r["answer"] for r in mine],
+                                          args.grade_workers)):
+            r.update(extracted=e, correct=c)
+    return recs, outs
+
+
+def prefix_len(L, teacher_len, margin):
+    """§2.3: L_p = min(L, L_r - margin), so the teacher's final answer is unlikely to be in the prefix."""
+    return max(0, min(L, teacher_len - margin))
+
+
+def prefix_probe(students, teacher, items, args):
+    """§2.3: the teacher writes one full solution per question; each student continues its first L_p tokens."""
+    vocab = model_info(teacher)[0].get_vocab()
+    for s in students:
+        if model_info(s)[0].get_vocab() != vocab:
+            raise BadInput(f"{s} and {teacher} use different tokenizers; the probe needs one (it passes token ids)")
+    teacher_recs, outs = complete(teacher, [dict(it, k=1) for it in items], args)
+    runs = [(L, dict(it, head=row[0][:prefix_len(L, len(row[0]), args.prefix_margin)]), len(row[0]))
+            for L in args.prefix_lengths for it, row in zip(items, outs)]
+    recs = []
+    for s in students:
+        got, _ = complete(s, [it for _, it, _ in runs], args)
+        recs += [dict(r, teacher=teacher, prefix=L, prefix_len=len(it["head"]), teacher_len=lr)
+                 for r, (L, it, lr) in zip(got, [run for run in runs for _ in range(run[1]["k"])])]
+    return recs, teacher_recs
+
+
+def summarize(samples):
+    """{row: {col: (mean %, 95% half-width %, #questions, k)}} over the samples' row/col labels."""
+    per_q = {}
+    for s in samples:
+        per_q.setdefault(s["row"], {}).setdefault(s["col"], {}).setdefault(s["id"], []).append(s["correct"])
+    return {r: {c: (*mean_ci([sum(v) / len(v) for v in qs.values()]), len(qs), len(next(iter(qs.values()))))
+                for c, qs in cols.items()} for r, cols in per_q.items()}
+
+
+def markdown_table(summary, cols, first):
+    """Rows = checkpoints (or student · benchmark), columns = benchmarks (or prefix lengths), as Tables 1-2."""
+    cell = lambda v: f"{v[0]:.1f} ± {v[1]:.1f}" if v else "–"
+    return (f"| {first} | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n" +
+            "".join(f"| {r} | " + " | ".join(cell(by.get(c)) for c in cols) + " |\n" for r, by in summary.items()))
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", nargs="+", help="HF checkpoint dirs, several -> one table; 'student'/'teacher' = the "
+                   "embedded task's models (default: both; the student alone with --teacher-prefix)")
+    p.add_argument("--benchmarks", default="embedded", help=f"comma list of {','.join(BENCHMARKS)}")
+    p.add_argument("--data", nargs="+", default=[], metavar="BENCH=FILE",
+                   help="local .jsonl/.json/.parquet/.csv per benchmark (else the hub via `datasets`)")
+    p.add_argument("--samples", type=int, help="k samples per question (default 16 for AIME, 4 otherwise)")
+    p.add_argument("--max-new-tokens", type=int, default=16384, help="response budget (paper: 16384)")
+    p.add_argument("--limit", type=int, help="only the first N questions of each benchmark (smoke tests)")
+    p.add_argument("--sampler", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (--sampler hf)")
+    p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="vLLM KV cache on CPU (else it takes ~18 GB)")
+    p.add_argument("--grade-workers", type=int, default=2, help="processes for math-verify grading")
+    p.add_argument("--teacher-prefix", metavar="TEACHER", help="run the §2.3 probe: students continue TEACHER's "
+                   "prefixes (embedded task: use e.g. --prefix-lengths 0,8,16,32 --prefix-margin 4)")
+    p.add_argument("--prefix-lengths", default="0,2048,4096,6144,8192", help="comma list of L (probe)")
+    p.add_argument("--prefix-margin", type=int, default=512, help="L_p = min(L, L_r - margin) (paper: 512)")
+    p.add_argument("--out", default=None, help="output dir (default runs/eval-<time>)")
+    p.error = lambda msg: (print(f"eval.py: error: {msg} (see --help)", file=sys.stderr), sys.exit(2))
+    args = p.parse_args(argv)
+    args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    for b in args.benchmarks:
+        if b not in BENCHMARKS:
+            raise BadInput(f"unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
+    try:
+        args.prefix_lengths = [int(x) for x in args.prefix_lengths.split(",")]
+        args.data = dict(d.split("=", 1) for d in args.data)
+    except ValueError:
+        raise BadInput("--prefix-lengths takes integers like 0,2048,4096 and --data takes BENCH=FILE pairs")
+    for b in args.data:
+        if b not in BENCHMARKS:
+            raise BadInput(f"--data names unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
+    for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
+    if min(args.prefix_lengths) < 0 or args.prefix_margin < 0:
+        raise BadInput("--prefix-lengths and --prefix-margin must be >= 0")
+    default = ["student"] if args.teacher_prefix else ["student", "teacher"]
+    args.model = [resolve_model(m) for m in args.model or default]
+    args.teacher_prefix = args.teacher_prefix and resolve_model(args.teacher_prefix)
+    return args
+
+
+def resolve_model(m):
+    """A checkpoint directory; 'student'/'teacher' name the embedded task's models."""
+    if not os.path.isdir(m) and m in ("student", "teacher"):
+        import embedded
+        m = str(embedded.STUDENT_DIR if m == "student" else embedded.TEACHER_DIR)
+        if not os.path.isfile(os.path.join(m, "config.json")):
+            raise BadInput(f"the embedded {os.path.basename(m)} is not built at {m} (run: python -m embedded.build)")
+    if not os.path.isfile(os.path.join(m, "config.json")):
+        raise BadInput(f"no HF checkpoint at {m} (expected a directory with config.json, tokenizer and *.safetensors)")
+    return m
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data = {b: load_benchmark(b, args.data.get(b))[:args.limit] for b in args.benchmarks}  # every input checked first
+    names = {m: os.path.basename(os.path.normpath(m)) for m in args.model + [args.teacher_prefix] if m}
+    if len(set(names.values())) < len(names):
+        names = {m: m for m in names}
+    ks = {b: args.samples or BENCHMARKS[b][2] for b in args.benchmarks}
+    items = [dict(benchmark=b, q=q, k=ks[b], head=[]) for b in args.benchmarks for q in data[b]]
+    title = lambda x: BENCHMARKS[x["benchmark"]][0]
+    samples, teacher = [], []
+    if args.teacher_prefix:
+        s, t = prefix_probe(args.model, args.teacher_prefix, items, args)
+        samples = [dict(x, row=f"{names[x['model']]} · {title(x)}", col=f"L={x['prefix']}") for x in s]
+        teacher = [dict(x, row=f"teacher {names[x['model']]}", col=title(x)) for x in t]
+    else:
+        for m in args.model:
+            samples += [dict(x, row=names[m], col=title(x)) for x in complete(m, items, args)[0]]
+    summary = summarize(samples)
+    if args.teacher_prefix:
+        table = markdown_table(summary, [f"L={L}" for L in args.prefix_lengths], "student · benchmark")
+        table += "\n" + markdown_table(summarize(teacher), [BENCHMARKS[b][0] for b in args.benchmarks],
+                                        "teacher (1 solution per question)")
+    else:
+        table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint")
+    table += (f"\nmean acc@k in % (k: {', '.join(f'{b} {k}' for b, k in ks.items())}); ± = 95% normal-approximation "
+              f"interval over questions; temperature 1.0, top-p 1.0, at most {args.max_new_tokens} new tokens\n")
+    out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(dict(config=vars(args), summary=summary, samples=samples, teacher_samples=teacher), f, indent=1)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    if args.teacher_prefix:
+        plot_probe(summary, summarize(teacher), args.prefix_lengths, os.path.join(out, "prefix_probe.png"))
+    print("\n" + table + f"\nwrote {out}/eval.json and {out}/table.md")
+
+
+def plot_probe(summary, teacher, lengths, path):
+    """Fig. 3: mean acc@k against the teacher-prefix length L, one line per student · benchmark."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for row, by in summary.items():
+        ax.errorbar(lengths, [by[f"L={L}"][0] for L in lengths], yerr=[by[f"L={L}"][1] for L in lengths],
+                    marker="o", capsize=3, label=row)
+    for row, by in teacher.items():
+        for col, v in by.items():
+            ax.axhline(v[0], ls="--", lw=1, label=f"{row} · {col}")
+    ax.set(xlabel="teacher prefix length L (tokens)", ylabel="mean acc@k (%)", title="Teacher-prefix probe (§2.3)",
+           ylim=(0, None))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadInput as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

