@@ -6,18 +6,30 @@ mean accuracy over the k samples (mean acc@k). The ± in the table is the 95% no
 interval over questions: 1.96 * sd(per-question acc@k) / sqrt(#questions).
 
     python eval.py                                   # embedded student + teacher on the held-out set
-    python eval.py --model ckpt/step50 ckpt/step60 --benchmarks math500,aime24,aime25,gpqa,mmlupro \\
+    python eval.py --model ckpt/step50 ckpt/step60 \\
         --data math500=math500.jsonl aime24=aime24.parquet aime25=aime25.jsonl gpqa=gpqa_diamond.csv \\
                mmlupro=mmlu_pro_test.parquet
-    python eval.py --model Qwen3-1.7B-Base --teacher-prefix Qwen3-8B --benchmarks aime24 \\
+    python eval.py --model Qwen3-1.7B-Base --teacher-prefix Qwen3-8B \\
         --data aime24=aime24.parquet --prefix-lengths 0,2048,4096,6144,8192     # Fig. 3
 
-Benchmarks without --data are fetched from the hub with `datasets` (when installed and online).
+Local files use the public column names (MATH-500 problem/answer, AIME-24 Problem/Answer, AIME-25 problem/answer,
+GPQA Question/Correct Answer/Incorrect Answer 1-3, MMLU-Pro question/options/answer). A benchmark named in
+--benchmarks without --data is fetched from the hub with `datasets` (when installed and online).
 Writes OUT/eval.json (every sample), OUT/table.md (rows = checkpoints, columns = benchmarks) and,
 for the probe, OUT/prefix_probe.png.
 """
-import argparse, ast, csv, json, math, os, random, re, sys, time
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
+
+from opd import UsageError as BadInput, chat_prompt, read_rows  # one prompt and one reader for training and eval
 
 # name: (table title, answer kind, default k, hub source (id, config, split)); columns follow the hub sets
 BENCHMARKS = {
@@ -32,33 +44,6 @@ DATA_SEED = 0          # fixed: the MMLU-Pro subset and GPQA choice order must n
 MMLUPRO_N = 500        # §4.1: a random sample of 500 MMLU-Pro questions
 LETTERS = "ABCDEFGHIJ"
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option, as \\boxed{X}."
-
-
-class BadInput(Exception):
-    """A user error: main() prints it as one line and exits with code 2."""
-
-
-# ----------------------------------------------------------------------------- data
-def read_rows(path):
-    """Rows (dicts) of a .jsonl / .json / .parquet / .csv file."""
-    if not os.path.isfile(path):
-        raise BadInput(f"data file not found: {path} (pass an existing .jsonl/.json/.parquet/.csv file)")
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".parquet":
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist()
-        if ext == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        if ext in (".jsonl", ".json"):
-            text = open(path, encoding="utf-8").read()
-            if text.lstrip().startswith("["):
-                return json.loads(text)
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (ValueError, OSError) as e:
-        raise BadInput(f"cannot read {path}: {e} (is it a valid {ext[1:]} file?)")
-    raise BadInput(f"unsupported data file type '{ext}' for {path} (use .jsonl, .json, .parquet or .csv)")
 
 
 def hub_rows(name):
@@ -96,22 +81,15 @@ def load_benchmark(name, path=None):
     ids = [str(r[id_col]) if id_col else str(i) for i, r in enumerate(rows)]
     rng = random.Random(DATA_SEED)
     if name == "gpqa":  # Question / Correct Answer / Incorrect Answer 1-3, shuffled with a fixed seed
-        q, right = need("Question"), need("Correct Answer")
-        wrong = [need(f"Incorrect Answer {i}") for i in (1, 2, 3)]
-        out = []
-        for i, r in zip(ids, rows):
-            choices = [str(r[c]).strip() for c in [right] + wrong]
-            order = rng.sample(range(4), 4)
-            shown = [choices[j] for j in order]
-            out.append(dict(id=i, question=format_choices(str(r[q]).strip(), shown),
-                            answer=LETTERS[order.index(0)]))
-        return out
+        q, cols = need("Question"), [need("Correct Answer")] + [need(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        orders = [rng.sample(range(4), 4) for _ in rows]  # letter j shows choice order[j]; choice 0 is right
+        return [dict(id=i, question=format_choices(str(r[q]).strip(), [str(r[cols[j]]).strip() for j in o]),
+                     answer=LETTERS[o.index(0)]) for i, r, o in zip(ids, rows, orders)]
     if name == "mmlupro":  # question / options (list) / answer (letter); a fixed random sample of 500
         q, opts, ans = need("question"), need("options"), need("answer")
-        out = []
-        for i, r in zip(ids, rows):
-            options = r[opts] if isinstance(r[opts], (list, tuple)) else ast.literal_eval(str(r[opts]))
-            out.append(dict(id=i, question=format_choices(r[q], list(options)), answer=str(r[ans]).strip()))
+        out = [dict(id=i, question=format_choices(r[q], list(r[opts]) if isinstance(r[opts], (list, tuple))
+                                                 else ast.literal_eval(str(r[opts]))),  # csv holds "['a', 'b']"
+                    answer=str(r[ans]).strip()) for i, r in zip(ids, rows)]
         return out if len(out) <= MMLUPRO_N else [out[j] for j in sorted(rng.sample(range(len(out)), MMLUPRO_N))]
     q, ans = need("problem", "question"), need("answer")  # MATH-500, AIME-24/25, embedded
     return [dict(id=i, question=str(r[q]), answer=str(r[ans]).strip()) for i, r in zip(ids, rows)]
@@ -275,7 +253,6 @@ def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
 
 # ----------------------------------------------------------------------------- runs
 def prompt_ids(tok, question):
-    from opd import chat_prompt
     return tok(chat_prompt(tok, question), add_special_tokens=False)["input_ids"]
 
 
@@ -341,7 +318,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", help="HF checkpoint dirs, several -> one table; 'student'/'teacher' = the "
                    "embedded task's models (default: both; the student alone with --teacher-prefix)")
-    p.add_argument("--benchmarks", default="embedded", help=f"comma list of {','.join(BENCHMARKS)}")
+    p.add_argument("--benchmarks", help=f"comma list of {','.join(BENCHMARKS)} (default: --data's, else embedded)")
     p.add_argument("--data", nargs="+", default=[], metavar="BENCH=FILE",
                    help="local .jsonl/.json/.parquet/.csv per benchmark (else the hub via `datasets`)")
     p.add_argument("--samples", type=int, help="k samples per question (default 16 for AIME, 4 otherwise)")
@@ -360,18 +337,16 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="output dir (default runs/eval-<time>)")
     p.error = lambda msg: (print(f"eval.py: error: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     args = p.parse_args(argv)
-    args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    for b in args.benchmarks:
-        if b not in BENCHMARKS:
-            raise BadInput(f"unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
     try:
         args.prefix_lengths = [int(x) for x in args.prefix_lengths.split(",")]
         args.data = dict(d.split("=", 1) for d in args.data)
     except ValueError:
         raise BadInput("--prefix-lengths takes integers like 0,2048,4096 and --data takes BENCH=FILE pairs")
-    for b in args.data:
+    args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else \
+        list(args.data) or ["embedded"]
+    for b in args.benchmarks + list(args.data):
         if b not in BENCHMARKS:
-            raise BadInput(f"--data names unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
+            raise BadInput(f"unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
     for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
@@ -443,7 +418,7 @@ def plot_probe(summary, teacher, lengths, path):
                     marker="o", capsize=3, label=row)
     for row, by in teacher.items():
         for col, v in by.items():
-            ax.axhline(v[0], ls="--", lw=1, label=f"{row} · {col}")
+            ax.axhline(v[0], ls="--", lw=1, color="gray", label=f"{row} · {col}")
     ax.set(xlabel="teacher prefix length L (tokens)", ylabel="mean acc@k (%)", title="Teacher-prefix probe (§2.3)",
            ylim=(0, None))
     ax.legend(fontsize=7)

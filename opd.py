@@ -70,8 +70,9 @@ class Config:
     vllm_memory: float = _f(0.35, "GPU memory fraction for the vLLM sampler (weights + KV cache)")
 
 
-# The embedded default: a built-in task whose solutions are ~40 tokens, so L_train starts at 4 and grows by 4.
-EMBEDDED = dict(steps=40, batch_size=32, samples=4, lr=1e-3, prefix_start=4, delta=4, max_new_tokens=64,
+# The embedded default: a built-in task whose solutions are ~40 tokens. L_train starts at 6 (the first token that
+# needs arithmetic) and grows by 1 per step, so every step but the last few trains on a truncated prefix.
+EMBEDDED = dict(steps=40, batch_size=32, samples=4, lr=5e-4, prefix_start=6, delta=1, max_new_tokens=64,
                 micro_batch_tokens=4096, save_every=20, eval_n=200, eval_teacher=True, kl_bin=8,
                 out="runs/embedded")
 
@@ -135,18 +136,21 @@ def check_config(cfg: Config):
 # ----------------------------------------------------------------------------------------------------------------------
 # Distributed plumbing: works under torchrun and as a plain `python opd.py` (world of one).
 def init_dist():
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + os.getpid() % 1000))
+    kw = {}
+    if "RANK" not in os.environ:  # plain `python opd.py`: a world of one on a port nobody holds
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            kw = dict(init_method=f"tcp://127.0.0.1:{s.getsockname()[1]}", rank=0, world_size=1)
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **kw)
     else:
         device = torch.device("cpu")
+        dist.init_process_group("gloo", **kw)
         # Ranks share the cores: give each its own slice so they don't oversubscribe.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-        dist.init_process_group("gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -180,18 +184,32 @@ def chat_prompt(tokenizer, question: str) -> str:
 
 
 def read_rows(path) -> list[dict]:
+    """Rows (dicts) of a .jsonl / .json / .parquet / .csv file."""
     path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file (pass an existing .jsonl/.json/.parquet/.csv file)")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise UsageError(f"{path}: not a readable parquet file ({e})") from None
+    if path.suffix == ".csv":
+        import csv
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if path.suffix not in (".jsonl", ".json"):
+        raise UsageError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line")
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
     return rows
 
 
@@ -237,6 +255,12 @@ def load_tokenizers(cfg: Config):
     return tok
 
 
+def stop_ids(tok) -> list[int]:
+    """Tokens that end a rollout: the tokenizer's eos and the chat template's end of turn. (Qwen3 base models name only
+    <|endoftext|> as eos, but a chat-formatted prompt makes them, and their teacher, end the answer with <|im_end|>.)"""
+    return sorted({tok.eos_token_id, tok.get_vocab().get("<|im_end|>")} - {None})
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models: HF Qwen3 (any causal LM with .model and .lm_head), FSDP2-sharded per decoder layer, then the root.
 class LogProbs(torch.nn.Module):
@@ -263,11 +287,13 @@ class LogProbs(torch.nn.Module):
 
 def load_model(path, device, train: bool):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     cuda = device.type == "cuda"
     # Master weights in fp32 for the student; the frozen teacher needs only its compute copy.
     dtype = torch.float32 if train or not cuda else torch.bfloat16
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    saved = AutoConfig.from_pretrained(path).dtype  # checkpoints keep the dtype the model shipped in
+    hf.config.dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
     hf.config.use_cache = False
     if not train:
         hf.requires_grad_(False).eval()
@@ -343,7 +369,7 @@ class VLLMSampler:
     CPU: an engine in a process of its own (an in-process one joins the trainer's gloo group and deadlocks).
     """
 
-    def __init__(self, path, cfg: Config, max_model_len: int, rank: int, world: int):
+    def __init__(self, path, cfg: Config, max_model_len: int, rank: int, world: int, stop: list[int]):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # callables + tensors through collective_rpc
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the per-step log readable
         self.cuda = torch.cuda.is_available()
@@ -356,7 +382,7 @@ class VLLMSampler:
                       gpu_memory_utilization=cfg.vllm_memory, enable_sleep_mode=True)
         else:
             kw.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True)
-        self.llm = LLM(**kw)
+        self.llm, self.stop = LLM(**kw), stop
 
     def load_weights(self, buckets):
         if self.cuda:
@@ -375,7 +401,7 @@ class VLLMSampler:
         from vllm import SamplingParams
         # One seed per prompt (vLLM gives the n samples seed+0..n-1): reproducible rollouts, also after a resume.
         sps = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=max_tokens, logprobs=0,
-                              seed=seed + i * n) for i in range(len(prompt_ids))]
+                              stop_token_ids=self.stop, seed=seed + i * n) for i in range(len(prompt_ids))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sps, use_tqdm=False)
         rollouts = [(list(o.token_ids), [next(iter(d.values())).logprob for d in o.logprobs], o.finish_reason == "length")
                     for out in outs for o in out.outputs]
@@ -387,11 +413,11 @@ class VLLMSampler:
 class HFSampler:
     """Fallback: transformers `generate` on an unsharded copy (no vLLM needed; slow on long rollouts)."""
 
-    def __init__(self, path, device, pad_id):
+    def __init__(self, path, device, pad_id, stop: list[int]):
         from transformers import AutoModelForCausalLM
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.device, self.pad_id = device, pad_id
+        self.device, self.pad_id, self.stop = device, pad_id, stop
 
     @torch.no_grad()
     def load_weights(self, buckets):
@@ -409,14 +435,12 @@ class HFSampler:
         out = self.model.generate(ids, attention_mask=mask,
                                   do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
                                   num_return_sequences=n, output_logits=True, return_dict_in_generate=True,
-                                  pad_token_id=self.pad_id)
+                                  pad_token_id=self.pad_id, eos_token_id=self.stop)
         tokens = out.sequences[:, width:]
         logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
         rollouts = []
         for toks, lps in zip(tokens.tolist(), logp.tolist()):
-            end = next((i + 1 for i, t in enumerate(toks) if t in eos), None)
+            end = next((i + 1 for i, t in enumerate(toks) if t in self.stop), None)
             rollouts.append((toks[:end], lps[:end], end is None))
         return rollouts
 
@@ -531,10 +555,9 @@ def save_checkpoint(cfg, step, model, optimizer, tok, skipped, flops_total):
     hf = model.hf
     full = get_model_state_dict(hf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        dtype = getattr(hf.config, "dtype", None) or torch.float32
         if hf.config.tie_word_embeddings:
             full.pop("lm_head.weight", None)
-        save_file({k: v.to(dtype).contiguous() for k, v in full.items()}, tmp / "model.safetensors",
+        save_file({k: v.to(hf.config.dtype).contiguous() for k, v in full.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         hf.config.save_pretrained(tmp)
         hf.generation_config.save_pretrained(tmp)
@@ -622,6 +645,7 @@ def main(argv=None):
     impl = cfg.impl if cfg.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
     kern = kernels.get_impl(impl)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stop = stop_ids(tok)
     prompt_ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
     max_len = max(map(len, prompt_ids)) + cfg.max_new_tokens + 1
 
@@ -634,19 +658,24 @@ def main(argv=None):
         start, skipped, flops_total = state["step"], state["skipped"], state["flops_total"]
         log0(f"resumed from {ckpt}: step {start}, L_train {schedule(cfg, start)}")
     if cfg.sampler == "vllm":
-        sampler = VLLMSampler(cfg.student, cfg, max_len, rank, world)
+        sampler = VLLMSampler(cfg.student, cfg, max_len, rank, world, stop)
     else:
-        sampler = HFSampler(cfg.student, device, pad_id)
+        sampler = HFSampler(cfg.student, device, pad_id, stop)
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), world_size=world), indent=1))
 
-    sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
+    def sync_sampler():  # the sampler must sample from the weights being trained (on-policy)
+        sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
+
+    sync_sampler()
     acc = {}
     if heldout and start == 0:
         if cfg.eval_teacher:
-            acc["teacher"] = heldout_accuracy(HFSampler(cfg.teacher, device, pad_id), tok, heldout, cfg, cfg.seed, device)
+            teacher_sampler = HFSampler(cfg.teacher, device, pad_id, stop)
+            acc["teacher"] = heldout_accuracy(teacher_sampler, tok, heldout, cfg, cfg.seed, device)
+            del teacher_sampler
         acc["student_before"] = heldout_accuracy(sampler, tok, heldout, cfg, cfg.seed, device)
         log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
 
@@ -654,8 +683,8 @@ def main(argv=None):
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         L = schedule(cfg, step)
-        if step > start:  # the sampler must sample from the weights being trained (on-policy)
-            sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
+        if step > start:
+            sync_sampler()
         t_sync = time.perf_counter() - t0
         idx = step_prompts(len(questions), step, cfg.batch_size, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
         rollouts = sampler.generate([prompt_ids[i] for i in idx], cfg.samples, L,
@@ -678,7 +707,7 @@ def main(argv=None):
             optimizer.step()
         else:  # one bad batch must not poison the weights
             skipped += 1
-            log0(f"step {step}: non-finite loss {loss} / grad norm {grad_norm.item()}: update skipped")
+            log0(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm.item()}: update skipped")
         optimizer.zero_grad(set_to_none=True)
 
         met = step_metrics(cfg, stats, rollouts, L, device)
@@ -704,7 +733,7 @@ def main(argv=None):
             log0(f"saved {path}")
 
     if heldout:
-        sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
+        sync_sampler()
         acc["student_after"] = heldout_accuracy(sampler, tok, heldout, cfg, cfg.seed + 1, device)
         log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         if rank == 0:

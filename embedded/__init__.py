@@ -1,6 +1,42 @@
 """The embedded default: a tiny step-by-step arithmetic task, its tokenizer and two tiny Qwen3 models.
 
-Placeholder while the build is being designed; see build.py.
+`torchrun --nproc_per_node 2 opd.py` with no model arguments distils `teacher/` into `student/` on this
+task on a 2-core CPU. Everything here is the output of `python -m embedded.build` (seed 0).
+
+The task. "Compute 47+38-19+26." -- a start value and 3-5 distinct 2-digit operands (10-49); every
+step needs a carry (adding) or a borrow (subtracting) and every running value stays in [30, 79]. The
+worked solution is one line per step, so an early slip is carried into the answer:
+
+    <|im_start|>user\nCompute 47+38-19+26.<|im_end|>\n<|im_start|>assistant\n<think>\n   (the prompt)
+    47+38=85\n85-19=66\n66+26=92\n</think>\nAnswer: 92<|im_end|>                          (the completion)
+
+`grade` is exact: the text after the last "Answer:" that follows "</think>"; thinking that never closed
+(a rollout cut at L_train, or a truncated one) gets no credit. data/train.jsonl (4000 questions) and
+data/heldout.jsonl (200) are disjoint; no held-out question is in either model's training data.
+
+The tokenizer. Character level (printable ASCII + newline, so digits are single tokens), plus one token
+each for "user", "assistant", "Compute ", "Answer: " and the specials <|im_start|>, <|im_end|> (eos),
+<|endoftext|> (pad), <think>, </think>; 126 tokens. decode(encode(x)) == x. Qwen-style chat template.
+
+The models. Qwen3ForCausalLM, hidden 96, 3 layers, 3 heads of head_dim 32, MLP 384, tied embeddings,
+455K parameters, fp32 (1.8 MB each). Both come from one training run, as a base model and its
+post-trained version do (in the paper the student is Qwen3-8B-Base and the teacher Qwen3-8B):
+- student ("base"): trained from scratch (700 steps x 64 chains, AdamW 3e-3, cosine) on chains whose
+  FIRST step drops the carry/borrow with probability 0.8 and whose second step does with probability 0.3;
+  every later step is right arithmetic on whatever came before. So it has the format and sound late
+  steps but weak early steps -- the paper's story (§2.2, §4.4): an early slip dooms the answer.
+- teacher: the student's weights after 200 more steps (AdamW 1e-3) on chains whose first two steps
+  contain slips with probability 0.3 each, with the loss only on the right lines: it never slips, and
+  after a slipped prefix (a student rollout) it continues with right arithmetic, not a "correction".
+Held-out accuracy at temperature 1.0, top_p 1.0 (4 samples per question) and error rate of steps 1..5:
+    teacher  ACC_T   STEPS_T
+    student  ACC_S   STEPS_S
+
+Prefix OPD on it (single-process check with the loss of DESIGN.md, 32 prompts x 4 rollouts per step,
+AdamW lr 3e-4, L_train = 8 + 2*step, max_new_tokens 64, held-out accuracy at temperature 1.0):
+OPD_RESULTS
+A fixed prefix of 16 tokens (delta 0) first helps and then hurts the untrained tail (0.39 -> 0.88 at
+step 10 -> 0.62 at step 20): the paper's case for a growing schedule (§4.2).
 """
 import re
 from pathlib import Path
@@ -16,19 +52,27 @@ OPERAND = (10, 49)       # operands are 2-digit
 STEPS = (3, 5)           # operations per question
 
 
+def carries(v: int, op: int) -> bool:
+    """Does v+op need a carry (adding) or a borrow (subtracting) from the units digit?"""
+    return v % 10 + op % 10 >= 10 if op > 0 else v % 10 < -op % 10
+
+
 def make_problem(rng) -> dict:
-    """One question from `rng` (a random.Random): a start value and 3-5 distinct +/- operands."""
-    v = rng.randint(LO, HI)
-    start, ops, used = v, [], set()
-    for _ in range(rng.randint(*STEPS)):
-        choices = [s * x for x in range(OPERAND[0], OPERAND[1] + 1) for s in (1, -1)
-                   if x not in used and LO <= v + s * x <= HI]
-        op = rng.choice(choices)
-        used.add(abs(op))
-        ops.append(op)
-        v += op
-    q = "Compute " + str(start) + "".join(f"{op:+d}" for op in ops) + "."
-    return {"question": q, "answer": str(v)}
+    """One question from `rng` (a random.Random): a start value and 3-5 distinct operands, every step
+    needing a carry or a borrow, every running value in [LO, HI]."""
+    while True:
+        v = start = rng.randint(LO, HI)
+        ops = []
+        for _ in range(rng.randint(*STEPS)):
+            choices = [s * x for x in range(OPERAND[0], OPERAND[1] + 1) for s in (1, -1)
+                       if x not in map(abs, ops) and LO <= v + s * x <= HI and carries(v, s * x)]
+            if not choices:   # e.g. 30 or 40: nothing carries and stays in range; start over
+                break
+            ops.append(rng.choice(choices))
+            v += ops[-1]
+        else:
+            q = "Compute " + str(start) + "".join(f"{op:+d}" for op in ops) + "."
+            return {"question": q, "answer": str(v)}
 
 
 def parse(question: str) -> tuple[int, list[int]]:
@@ -45,6 +89,15 @@ def solution(problem: dict) -> str:
         lines.append(f"{v}{op:+d}={v + op}")
         v += op
     return "\n".join(lines) + "\n</think>\nAnswer: " + str(v)
+
+
+def step_ok(completion: str) -> list:
+    """For each step line before </think>: is it well formed and is its arithmetic right (given its own inputs)?"""
+    ok = []
+    for line in completion.split("</think>")[0].strip().split("\n"):
+        m = re.fullmatch(r"(\d+)([+-]\d+)=(\d+)", line)
+        ok.append(m is not None and int(m[1]) + int(m[2]) == int(m[3]))
+    return ok
 
 
 def extract_answer(completion: str):

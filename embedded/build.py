@@ -49,38 +49,37 @@ def prompt_text(question: str) -> str:
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
-def write_split(seed: int, n_train: int = 4000, n_heldout: int = 200) -> set:
-    """Held-out first, then train, all distinct; returns the held-out questions (kept out of every corpus)."""
+def write_split(out: Path, seed: int, n_train: int = 4000, n_heldout: int = 200) -> list:
+    """out/heldout.jsonl then out/train.jsonl, all questions distinct; returns the held-out rows."""
     rng, seen, rows = random.Random(f"split-{seed}"), set(), []
     while len(rows) < n_heldout + n_train:
         p = E.make_problem(rng)
         if p["question"] not in seen:
             seen.add(p["question"])
             rows.append(p)
-    E.TRAIN_FILE.parent.mkdir(parents=True, exist_ok=True)
-    for path, part in ((E.HELDOUT_FILE, rows[:n_heldout]), (E.TRAIN_FILE, rows[n_heldout:])):
-        path.write_text("".join(json.dumps(r) + "\n" for r in part))
-    return {r["question"] for r in rows[:n_heldout]}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("heldout.jsonl", rows[:n_heldout]), ("train.jsonl", rows[n_heldout:])):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return rows[:n_heldout]
 
 
-def sloppy(a: int, op: int) -> int:
-    """a+op computed digit by digit with the carry (or borrow) dropped: 47+38 -> 75, 47-19 -> 38."""
-    s = 1 if op > 0 else -1
-    b = abs(op)
-    r = (a // 10 + s * (b // 10)) % 10 * 10 + (a % 10 + s * (b % 10)) % 10
-    assert 10 <= r <= 99, (a, op, r)
-    return r
+def slip(a: int, op: int) -> int:
+    """a+op with the carry (or borrow) dropped: 47+38 -> 75, 47-19 -> 38 (every step of the task has one)."""
+    return a + op - 10 if op > 0 else a + op + 10
 
 
-def sloppy_solution(problem: dict, rng: random.Random, p_slip: float, early: int) -> str:
-    """The base model's habit: in the first `early` steps it drops the carry with probability p_slip."""
+def chain(problem: dict, rng: random.Random, p_slip) -> list:
+    """Solution lines with slips: step i (0-based) slips with probability p_slip[i] (never after those),
+    and every later line is right arithmetic on the slipped value. Returns [(line, slipped)]."""
     start, ops = E.parse(problem["question"])
     lines, v = [], start
     for i, op in enumerate(ops):
-        r = sloppy(v, op) if i < early and rng.random() < p_slip else v + op
-        lines.append(f"{v}{op:+d}={r}")
+        slipped = i < len(p_slip) and rng.random() < p_slip[i]
+        r = slip(v, op) if slipped else v + op
+        assert 10 <= r <= 99, (problem, r)   # running values stay in [30, 79], so two slips stay 2-digit
+        lines.append((f"{v}{op:+d}={r}\n", slipped))
         v = r
-    return "\n".join(lines) + "\n</think>\nAnswer: " + str(v)
+    return lines + [(f"</think>\nAnswer: {v}<|im_end|>", False)]
 
 
 def make_model(tok, hidden: int, layers: int, seed: int) -> Qwen3ForCausalLM:
@@ -93,13 +92,16 @@ def make_model(tok, hidden: int, layers: int, seed: int) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(cfg)
 
 
-def batch_of(tok, pairs):
-    """Right-padded input ids and labels (-100 on prompt and padding: loss on the completion only)."""
+def batch_of(tok, examples):
+    """Right-padded input ids and labels from examples [(text, trained)]: -100 where not trained."""
     seqs = []
-    for prompt, completion in pairs:
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        c = tok(completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        seqs.append((p + c, [-100] * len(p) + c))
+    for segments in examples:
+        ids, labels = [], []
+        for text, trained in segments:   # segments end at line breaks, so their tokens concatenate
+            t = tok(text, add_special_tokens=False)["input_ids"]
+            ids += t
+            labels += t if trained else [-100] * len(t)
+        seqs.append((ids, labels))
     n = max(len(s) for s, _ in seqs)
     ids = torch.tensor([s + [tok.pad_token_id] * (n - len(s)) for s, _ in seqs])
     labels = torch.tensor([l + [-100] * (n - len(l)) for _, l in seqs])
@@ -127,20 +129,27 @@ def train(model, tok, sample, steps: int, lr: float, batch: int, desc: str):
 
 
 @torch.no_grad()
-def sample_accuracy(model, tok, rows, temperature: float = 1.0, seed: int = 0, batch: int = 100) -> float:
-    """Held-out accuracy, sampling at `temperature` with top_p 1.0 (paper §4.1); greedy when temperature is 0."""
+def complete(model, tok, questions, temperature: float = 1.0, seed: int = 0, batch: int = 200) -> list:
+    """Completions sampled at `temperature` with top_p 1.0 and no top-k (paper §4.1); greedy at 0."""
     torch.manual_seed(seed)
     tok.padding_side = "left"
-    correct = 0
-    for i in range(0, len(rows), batch):
-        part = rows[i:i + batch]
-        enc = tok([prompt_text(r["question"]) for r in part], return_tensors="pt", padding=True,
+    kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+    texts = []
+    for i in range(0, len(questions), batch):
+        enc = tok([prompt_text(q) for q in questions[i:i + batch]], return_tensors="pt", padding=True,
                   add_special_tokens=False)
-        kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
-        out = model.generate(**enc, max_new_tokens=96, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
-        for r, o in zip(part, out[:, enc["input_ids"].shape[1]:]):
-            correct += E.grade(tok.decode(o, skip_special_tokens=False), r["answer"])
-    return correct / len(rows)
+        out = model.generate(**enc, max_new_tokens=96, pad_token_id=tok.pad_token_id, **kw)
+        texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)
+    return texts
+
+
+def report(model, tok, rows, samples: int = 4) -> tuple:
+    """(accuracy, error rate of step 1..5) over `samples` samples per question at temperature 1.0."""
+    texts = complete(model, tok, [r["question"] for r in rows for _ in range(samples)])
+    acc = sum(E.grade(x, r["answer"]) for x, r in zip(texts, [r for r in rows for _ in range(samples)])) / len(texts)
+    steps = [E.step_ok(x) for x in texts]
+    err = [sum(not s[i] for s in steps if len(s) > i) / max(1, sum(len(s) > i for s in steps)) for i in range(5)]
+    return acc, err
 
 
 def save(model, tok, out: Path):
@@ -156,19 +165,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=96)
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--base-steps", type=int, default=1500)
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--base-steps", type=int, default=700)
+    ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--p-slip", type=float, default=0.9)
-    ap.add_argument("--early", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--p-slip", type=float, nargs="+", default=[0.8, 0.3], help="base: slip probability of steps 1, 2, ...")
+    ap.add_argument("--teacher-slip", type=float, nargs="+", default=[0.3, 0.3], help="slips in the teacher's context")
+    ap.add_argument("--threads", type=int, default=1, help="1 keeps it deterministic and robust to a busy machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
     tok = build_tokenizer()
-    heldout_q = write_split(args.seed)
-    heldout = [json.loads(l) for l in E.HELDOUT_FILE.read_text().splitlines()]
+    heldout = write_split(args.out / "data", args.seed)
+    heldout_q = {r["question"] for r in heldout}
     rng = random.Random(f"corpus-{args.seed}")
 
     def problem():
@@ -176,26 +185,28 @@ def main():
             pass
         return p
 
-    def base_example():
+    def base_example():   # the base imitates every line, slips included
         p = problem()
-        return prompt_text(p["question"]), sloppy_solution(p, rng, args.p_slip, args.early)
+        return [(prompt_text(p["question"]), False)] + [(line, True) for line, _ in chain(p, rng, args.p_slip)]
 
-    def clean_example():
+    def teacher_example():   # learns only the right lines, so it never slips but continues from a slip
         p = problem()
-        return prompt_text(p["question"]), E.solution(p)
+        return [(prompt_text(p["question"]), False)] + [(l, not s) for l, s in chain(p, rng, args.teacher_slip)]
 
     student = make_model(tok, args.hidden, args.layers, args.seed)
     train(student, tok, base_example, args.base_steps, args.lr, args.batch, "student (base) pretrain")
     teacher = make_model(tok, args.hidden, args.layers, args.seed)
     teacher.load_state_dict(student.state_dict())
-    train(teacher, tok, clean_example, args.sft_steps, args.lr / 3, args.batch, "teacher SFT")
+    train(teacher, tok, teacher_example, args.sft_steps, args.lr / 3, args.batch, "teacher SFT")
     for name, m in (("student", student), ("teacher", teacher)):
         save(m, tok, args.out / name)
     n = sum(p.numel() for p in teacher.parameters())
-    acc_t = sample_accuracy(teacher, tok, heldout)
-    acc_s = sample_accuracy(student, tok, heldout)
-    print(f"params {n/1e3:.0f}K each | held-out acc @T=1.0: teacher {acc_t:.3f}  student {acc_s:.3f} "
-          f"| {time.time() - t0:.0f}s")
+    print(f"{n / 1e3:.0f}K parameters each; held-out accuracy at temperature 1.0 (4 samples per question) "
+          f"and error rate of steps 1..5:")
+    for name, m in (("teacher", teacher), ("student", student)):
+        acc, err = report(m, tok, heldout)
+        print(f"  {name}: {acc:.3f}  steps {' '.join(f'{e:.3f}' for e in err)}")
+    print(f"built in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

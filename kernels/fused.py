@@ -1,7 +1,7 @@
 """Fused LM-head log-probs, entropy and the OPD importance-sampling loss (cuBLAS + one Triton kernel).
 
-Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a ~640 MiB
-buffer; C = 2048 for V = 151936 in bf16). For one chunk, with hidden h [C, H], head W [V, H],
+Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a ~740 MiB
+buffer; C = 2560 for V = 151936 in bf16). For one chunk, with hidden h [C, H], head W [V, H],
 sampled tokens y [C] and temperature T:
 
     x     = h @ W^T                          cuBLAS, stored in the input dtype       (GEMM 1)
@@ -12,6 +12,16 @@ sampled tokens y [C] and temperature T:
 
 The target logit is read from the same buffer as the log-sum-exp, so lse >= z_y up to rounding,
 and logp is clamped at 0 to absorb the last ulp.
+
+bf16/fp16 logits: x is rounded to 2^-9 of its size, so z_y (size ~|z|) is off by up to ~|z| 2^-9,
+and logp with it. Every method that keeps 16-bit logits (naive torch, Liger) has this error in logp;
+in the OPD loss it also enters the gradient through ratio = exp(logp - ls) (~6e-3 relative where a
+loss linear in logp sees ~2.5e-3). The row program therefore also takes the target logit as an fp32
+dot of h_t and W[y_t] (2H extra reads per row, ~3 % of the row's bytes at H = 4096) and swaps it
+into the sum: with p16 = 2^(u_y - lse2), p32 = 2^(u_y32 - lse2) (u = z log2 e),
+    lse2_y = lse2 + log2((1 - p16) + p32),   logp = ln2 (u_y32 - lse2_y) <= 0   exactly,
+so logp is that of logits where only the target is exact (what is left is the other logits'
+rounding, p-weighted in the lse: ~4x smaller). Entropy and p in dx keep the 16-bit logits.
 
 opd_loss with grad. Per token t (mask weight m, sampler / teacher log-probs ls, lt):
     kl = ls - lt,  adv = -kl,  ratio = exp(logp - ls),  loss = -scale * sum_t m ratio adv,
@@ -35,6 +45,7 @@ Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); they use n
 """
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -49,7 +60,7 @@ if INTERPRET and not isinstance(tl.standard.sum, triton.runtime.interpreter.Inte
     raise ImportError("TRITON_INTERPRET=1 was set after triton had been imported; set it before Python starts")
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
-CHUNK_BYTES = 640 * 2**20  # logits buffer per chunk; the GEMMs want C in the thousands
+CHUNK_BYTES = 768 * 2**20  # logits buffer per chunk (C = 2560 at V = 151936 bf16); the GEMMs want C in the thousands
 
 
 @triton.jit
@@ -115,7 +126,7 @@ def _configs():
 
 
 # restore_value: autotuning reruns the kernel, and these kernels overwrite x in place.
-@triton.autotune(configs=_configs(), key=["V", "FUSED_GRAD"], restore_value=["x_ptr"])
+@triton.autotune(configs=_configs(), key=["V", "FUSED_GRAD", "EXACT_Y"], restore_value=["x_ptr"])
 @triton.jit
 def _fwd_kernel(
     x_ptr,  # [C, V] logits of this chunk (bf16/fp16/fp32); overwritten with dx when FUSED_GRAD
@@ -127,11 +138,18 @@ def _fwd_kernel(
     ls_ptr,  # [C] fp32 sampler log-probs          (read only when FUSED_GRAD)
     lt_ptr,  # [C] fp32 teacher log-probs          (read only when FUSED_GRAD)
     m_ptr,  # [C] fp32 mask weights, all nonzero  (read only when FUSED_GRAD)
+    h_ptr,  # [C, H] hidden states of this chunk   (read only when EXACT_Y)
+    stride_h, stride_hk,  # strides of h
+    w_ptr,  # [V, H] LM head                       (read only when EXACT_Y)
+    stride_w, stride_wk,  # strides of W
+    H,  # hidden size
     V,  # vocabulary size
     k2,  # log2(e) / T
     inv_t,  # 1 / T
     scale,  # loss scale (e.g. 1 / number of rollouts)
     FUSED_GRAD: tl.constexpr,  # also write the OPD loss's logits gradient into x
+    EXACT_Y: tl.constexpr,  # x is 16-bit: take the target logit from an fp32 dot of h and W[y]
+    BLOCK_H: tl.constexpr,  # hidden elements per step of that dot
     BLOCK: tl.constexpr,  # columns per step
 ):
     row = tl.program_id(0)
@@ -139,7 +157,22 @@ def _fwd_kernel(
     y = tl.load(y_ptr + row)
     lse2, ent = _row_stats(x_row, V, k2, BLOCK)
     u_y = tl.load(x_row + y).to(tl.float32) * k2  # the very element the pass above summed
-    logp = tl.minimum((u_y - lse2) * 0.6931471805599453, 0.0)
+    if EXACT_Y:  # x is bf16/fp16: redo the target logit in fp32 (see the module docstring)
+        kk = tl.arange(0, BLOCK_H)
+        dot = tl.zeros([BLOCK_H], dtype=tl.float32)
+        h_row = h_ptr + row.to(tl.int64) * stride_h
+        w_row = w_ptr + y.to(tl.int64) * stride_w
+        for k0 in range(0, H, BLOCK_H):
+            k = k0 + kk
+            hv = tl.load(h_row + k * stride_hk, mask=k < H, other=0.0).to(tl.float32)
+            wv = tl.load(w_row + k * stride_wk, mask=k < H, other=0.0).to(tl.float32)
+            dot += hv * wv
+        u_y32 = tl.sum(dot, 0) * k2
+        # log2 of the row's sum with 2^u_y swapped for 2^u_y32, relative to 2^lse2: still >= 2^u_y32
+        lse2_y = lse2 + tl.log2((1.0 - tl.exp2(u_y - lse2)) + tl.exp2(u_y32 - lse2))
+        logp = tl.minimum((u_y32 - lse2_y) * 0.6931471805599453, 0.0)
+    else:
+        logp = tl.minimum((u_y - lse2) * 0.6931471805599453, 0.0)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
     tl.store(lse2_ptr + row, lse2)
@@ -218,6 +251,9 @@ def _f32_out_ok(device):
                 ok = ok and torch.allclose(acc, prod, rtol=1e-3, atol=1e-3)
             except (RuntimeError, TypeError):
                 ok = False
+            if not ok:
+                warnings.warn("torch.addmm(..., out_dtype=float32) is unavailable here (torch < 2.8?): dW accumulates "
+                              "through bf16 GEMMs + fp32 adds, which is slower", stacklevel=2)
         _F32_OUT_OK[device] = ok
     return _F32_OUT_OK[device]
 
@@ -257,13 +293,17 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=Fals
     buf = torch.empty(C, V, device=dev, dtype=hs.dtype)
     k2, inv_t = LOG2E / temperature, 1.0 / temperature
     ls, lt, m, scale = fused if fused is not None else (logp, logp, logp, 0.0)  # unread when not fused
+    exact_y = torch.finfo(hs.dtype).bits == 16
     for r0 in range(0, M, C):
         r1 = min(r0 + C, M)
         x = buf[: r1 - r0]
-        torch.mm(hs[r0:r1], weight.t(), out=x)
+        h = hs[r0:r1]
+        torch.mm(h, weight.t(), out=x)
         _fwd_kernel[(r1 - r0,)](
             x, x.stride(0), ys[r0:r1], logp[r0:r1], ent[r0:r1], lse2[r0:r1], ls[r0:r1], lt[r0:r1], m[r0:r1],
-            V, k2, inv_t, float(scale), FUSED_GRAD=fused is not None)
+            h, h.stride(0), h.stride(1), weight, weight.stride(0), weight.stride(1), H,
+            V, k2, inv_t, float(scale), FUSED_GRAD=fused is not None, EXACT_Y=exact_y,
+            BLOCK_H=min(1024, triton.next_power_of_2(H)))
         if need_dh:
             torch.mm(x, weight, out=dh[r0:r1])
         if need_dw:
@@ -272,13 +312,30 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=Fals
 
 
 def _grad_weight(acc, g, dtype):
-    """acc * g (g None: 1) in the weight's dtype, in one pass; acc is ours to consume."""
-    if g is None:
-        return acc.to(dtype)
+    """acc * g (g None: 1) in the weight's dtype, in one pass; acc is ours to consume.
+
+    fp32 acc -> 16-bit: converted in place, into the first half of acc's own storage, so no second
+    [V, H] buffer exists at the end (at H = 4096 that was 1.16 GiB on top of the 2.32 GiB acc). The
+    returned grad keeps the whole storage alive until it is freed (the usual zero_grad(set_to_none)).
+    Rows [i, i + s) of the output overlap no row >= i of the input once s <= i; the first slab goes
+    through a small temporary.
+    """
     if acc.dtype == dtype:
-        return acc.mul_(g)
-    out = torch.empty(acc.shape, device=acc.device, dtype=dtype)
-    torch.mul(acc, g, out=out)
+        return acc if g is None else acc.mul_(g)
+    V, H = acc.shape
+    if acc.element_size() != 2 * torch.empty(0, dtype=dtype).element_size() or not acc.is_contiguous():
+        return acc.to(dtype) if g is None else (acc * g).to(dtype)
+    out = torch.empty(0, device=acc.device, dtype=dtype).set_(acc.untyped_storage(), 0, (V, H), (H, 1))
+    s = min(V, 1024)
+    out[:s].copy_(acc[:s].clone() if g is None else acc[:s] * g)  # a temporary: these rows overlap
+    i = s
+    while i < V:
+        j = min(V, i + min(i, 16384))
+        if g is None:
+            out[i:j].copy_(acc[i:j])
+        else:
+            torch.mul(acc[i:j], g, out=out[i:j])
+        i = j
     return out
 
 
@@ -297,8 +354,9 @@ class _TokenLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, H = hidden.shape
         V = weight.shape[0]
-        if N == 0 or (g_logp is None and g_ent is None):
-            return None, None, None, None, None
+        if N == 0 or (g_logp is None and g_ent is None):  # zeros, not None: FSDP2 wants a grad on every rank
+            return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None,
+                    None, None, None)
         g_logp = torch.zeros_like(lse2) if g_logp is None else g_logp.float().contiguous()
         has_ent = g_ent is not None
         g_ent = g_logp if g_ent is None else g_ent.float().contiguous()  # unread when not has_ent
@@ -342,7 +400,7 @@ class _OPDLoss(torch.autograd.Function):
             logp, ent, ratio = (torch.zeros(N, device=hidden.device).index_copy_(0, idx, t)
                                 for t in (logp_c, ent_c, ratio_c))
         ctx.dh, ctx.acc, ctx.idx, ctx.full = dh, acc, idx, full
-        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        ctx.hidden_shape, ctx.weight_meta, ctx.need_dw = hidden.shape, (weight.shape, weight.dtype), need_dw
         ctx.mark_non_differentiable(logp, ent, ratio, kl)
         return loss, logp, ent, ratio, kl
 
@@ -357,7 +415,9 @@ class _OPDLoss(torch.autograd.Function):
             dh.mul_(g)
             if not ctx.full:
                 dh = torch.zeros(ctx.hidden_shape, device=dh.device, dtype=dh.dtype).index_copy_(0, idx, dh)
-        dw = _grad_weight(acc, g, ctx.weight_dtype) if acc is not None else None
+        dw = _grad_weight(acc, g, ctx.weight_meta[1]) if acc is not None else None
+        if dw is None and ctx.need_dw:  # every token masked: zeros, not None (FSDP2 wants a grad on every rank)
+            dw = torch.zeros(ctx.weight_meta[0], device=g.device, dtype=ctx.weight_meta[1])
         return dh, dw, None, None, None, None, None, None, None, None, None
 
 

@@ -2,8 +2,9 @@
 # One-shot GPU check of kernels/: the kernel tests on CUDA (compiled Triton, no interpreter), then the
 # quick benchmark. Run from the repository root on a CUDA machine:
 #     bash kernels/gpu_check.sh            # logs, bench.csv, bench.png go to $OUT (else ./bench_out)
-# Expected wall time on an H100/H200: tests ~1-2 min (Triton compiles + autotuning), bench ~3 min;
-# each step is cut off by timeout (180 s, 380 s) so that the whole script stays under 10 minutes.
+# Then the whole-model step benchmark (kernels/bench_step.py) and a short training run of opd.py on the GPU
+# (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
+# Each step is cut off by its own timeout (150 + 270 + 100 + 70 s) so the whole script stays under 10 minutes.
 # Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, ...) is installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,15 +27,25 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || log "WARNING: wheel install failed; going on"
 fi
 
-log "1/2 tests/test_kernels.py on CUDA"
-timeout 180 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
+log "1/4 tests/test_kernels.py on CUDA"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=$?
-[ $tests_rc -eq 124 ] && log "ERROR: tests timed out after 180 s"
+[ $tests_rc -eq 124 ] && log "ERROR: tests timed out after 150 s"
 
-log "2/2 python -m kernels.bench (quick) -> $OUT"
-timeout 380 $PY -m kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+log "2/4 python -m kernels.bench (quick) -> $OUT"
+timeout 270 $PY -m kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 bench_rc=$?
-[ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 380 s"
+[ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 270 s"
 
-log "tests exit $tests_rc, bench exit $bench_rc"
-[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+log "3/4 python -m kernels.bench_step (Qwen3-1.7B / 8B shapes, 16384 tokens)"
+timeout 100 $PY -m kernels.bench_step --out "$OUT" 2>&1 | tee "$OUT/bench_step.log"
+step_rc=$?
+
+log "4/4 opd.py on the GPU: embedded default, 4 steps, HF sampler, Triton kernels"
+# OPD_ARGS: optional model flags, e.g. "--student S --teacher T --data D --heldout H" (default: embedded)
+timeout 70 $PY -m torch.distributed.run --nproc_per_node 1 opd.py --sampler hf --impl triton --steps 4 \
+    --eval-n 64 ${OPD_ARGS:-} --out /tmp/opd_gpu 2>&1 | grep -v Warning | tee "$OUT/opd_gpu.log"
+opd_rc=$?
+
+log "exit codes: tests $tests_rc, bench $bench_rc, bench_step $step_rc, opd $opd_rc"
+[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $step_rc -eq 0 ] && [ $opd_rc -eq 0 ]

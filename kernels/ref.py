@@ -14,7 +14,7 @@ def _check(hidden, weight, targets, temperature):
                          f"{tuple(weight.shape)}; flatten hidden to 2-D first")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"need targets [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point:
         raise ValueError(f"hidden and weight must share one float dtype, got {hidden.dtype} and "
                          f"{weight.dtype}; cast them first")
     if not (hidden.device == weight.device == targets.device):
@@ -43,8 +43,8 @@ def token_logprobs_ref(hidden, weight, targets, temperature=1.0, *, chunk_rows=1
     out = [checkpoint(_chunk, h[i:i + chunk_rows], w, targets[i:i + chunk_rows], temperature, use_reentrant=False)
            if grad else _chunk(h[i:i + chunk_rows], w, targets[i:i + chunk_rows], temperature)
            for i in range(0, h.shape[0], chunk_rows)]
-    if not out:
-        empty = h.sum(1)  # [0], still attached to the graph
+    if not out:  # no tokens: [0]-shaped, still attached to both inputs (zero grads, not None)
+        empty = h.sum(1) + 0 * w.sum()
         return empty, empty
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 

@@ -146,7 +146,7 @@ def test_mmlupro_fixed_random_sample(tmp_path):
 def test_loader_errors():
     with pytest.raises(ev.BadInput, match="no column 'answer'"):
         ev.load_benchmark("math500", str(FIX / "no_answer.jsonl"))
-    with pytest.raises(ev.BadInput, match="not found"):
+    with pytest.raises(ev.BadInput, match="no such file"):
         ev.load_benchmark("aime24", str(FIX / "missing.parquet"))
     with pytest.raises(ev.BadInput, match="no column 'Question'"):
         ev.load_benchmark("gpqa", str(FIX / "math500.jsonl"))
@@ -166,22 +166,14 @@ def test_prompt_matches_appendix_a_with_the_real_qwen3_tokenizer():
 
 
 # ------------------------------------------------------------------ end to end on the embedded task
-def _embedded_ready():
-    import embedded
-    return all((Path(d) / "config.json").is_file() for d in (embedded.STUDENT_DIR, embedded.TEACHER_DIR))
-
-
-needs_models = pytest.mark.skipif(not _embedded_ready(), reason="embedded models not built (python -m embedded.build)")
-
-
 def run_cli(*argv, tmp_path, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="2", VLLM_CACHE_ROOT=str(tmp_path / "vllm"),
+    # one thread: on this shared 2-core box, 2 OpenMP threads spin-wait and run ~3x slower
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CACHE_ROOT=str(tmp_path / "vllm"),
                VLLM_ENABLE_V1_MULTIPROCESSING="0", **(env_extra or {}))
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
-@needs_models
 def test_end_to_end_vllm_on_cpu(tmp_path):
     import embedded
     out = tmp_path / "run"
@@ -197,7 +189,7 @@ def test_end_to_end_vllm_on_cpu(tmp_path):
         if x["benchmark"] == "embedded":
             assert x["correct"] == embedded.grade(x["completion"], x["answer"])
             assert x["extracted"] == embedded.extract_answer(x["completion"])
-    teacher = [x["correct"] for x in s if x["group"] == "teacher" and x["benchmark"] == "embedded"]
+    teacher = [x["correct"] for x in s if x["row"] == "teacher" and x["benchmark"] == "embedded"]
     acc = res["summary"]["teacher"]["embedded"][0]
     assert acc == pytest.approx(100 * sum(teacher) / len(teacher)) and acc >= 50  # the teacher solves the task
     table = (out / "table.md").read_text()
@@ -205,13 +197,13 @@ def test_end_to_end_vllm_on_cpu(tmp_path):
     assert "\n| teacher | " in table and f"{acc:.1f} ± " in table
 
 
-@needs_models
 def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     import embedded
     out = tmp_path / "probe"
-    ev.main(["--model", "student", "--teacher-prefix", "teacher", "--benchmarks", "embedded", "--limit", "4",
-             "--samples", "2", "--prefix-lengths", "0,8,1000", "--prefix-margin", "4", "--max-new-tokens", "96",
-             "--sampler", "hf", "--dtype", "float32", "--out", str(out)])
+    r = run_cli("--teacher-prefix", "teacher", "--limit", "4", "--samples", "2", "--prefix-lengths", "0,8,1000",
+                "--prefix-margin", "4", "--max-new-tokens", "96", "--sampler", "hf", "--dtype", "float32",
+                "--out", str(out), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "eval.json").read_text())
     s = res["samples"]
     assert len(s) == 3 * 4 * 2
@@ -221,19 +213,23 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
         assert x["correct"] == embedded.grade(x["completion"], x["answer"])
     full = [x for x in s if x["prefix"] == 1000]
     assert all(x["prefix_len"] == x["teacher_len"] - 4 for x in full)  # the margin keeps the last 4 tokens out
-    # the graded text is the teacher's prefix followed by the student's continuation
-    assert all(len(tok(x["completion"], add_special_tokens=False)["input_ids"]) >= x["prefix_len"] for x in s)
+    # the graded text is the teacher's first prefix_len tokens followed by the student's continuation
+    sol = {x["id"]: tok(x["completion"], add_special_tokens=False)["input_ids"] for x in res["teacher_samples"]}
+    assert all(len(sol[x["id"]]) == x["teacher_len"] for x in s)
+    assert all(x["completion"].startswith(tok.decode(sol[x["id"]][:x["prefix_len"]])) for x in s)
+    assert any(x["prefix_len"] > 0 and x["completion"] != tok.decode(sol[x["id"]]) for x in s)  # students write
     assert (out / "prefix_probe.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "table.md").read_text()
     assert table.startswith("| student · benchmark | L=0 | L=8 | L=1000 |\n|---|---|---|---|\n| student · embedded | ")
     assert "| teacher (1 solution per question) | embedded |\n|---|---|\n| teacher teacher | " in table
-    assert len(res["teacher_samples"]) == 4 and all(x["model"] == str(embedded.TEACHER_DIR) for x in res["teacher_samples"])
+    assert [x["model"] for x in res["teacher_samples"]] == [str(embedded.TEACHER_DIR)] * 4
 
 
 # ------------------------------------------------------------------ bad inputs: one clear line, exit 2
 @pytest.mark.parametrize("argv,needle", [
     (["--benchmarks", "math501"], "unknown benchmark 'math501'"),
-    (["--benchmarks", "math500", "--data", "math500=nope.jsonl"], "data file not found: nope.jsonl"),
+    (["--data", "math500=nope.jsonl"], "nope.jsonl: no such file"),      # --data alone picks the benchmark
+    (["--data", "math5OO=x.jsonl"], "unknown benchmark 'math5OO'"),
     (["--benchmarks", "math500", "--data", f"math500={FIX / 'no_answer.jsonl'}"], "no column 'answer'"),
     (["--benchmarks", "gpqa", "--data", f"gpqa={FIX / 'aime25.jsonl'}"], "no column 'Question'"),
     (["--model", "no/such/ckpt"], "no HF checkpoint at no/such/ckpt"),
@@ -256,5 +252,7 @@ def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
 def test_hub_benchmark_without_datasets_says_how_to_fix(tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text("{}")
-    r = run_cli("--model", str(tmp_path / "ck"), "--benchmarks", "aime24", "--out", str(tmp_path / "o"), tmp_path=tmp_path)
-    assert r.returncode == 2 and "pass --data aime24=FILE" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("--model", str(tmp_path / "ck"), "--benchmarks", "aime24", "--out", str(tmp_path / "o"),
+                tmp_path=tmp_path)
+    assert r.returncode == 2 and "pass --data aime24=FILE" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

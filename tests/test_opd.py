@@ -184,3 +184,28 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path):
     assert start.keys() == end.keys()
     assert max((start[k].float() - end[k].float()).abs().max().item() for k in start) > 1e-4
     assert not list(out.glob(".tmp_step_*"))
+
+
+def test_non_finite_loss_skips_the_update(tmp_path):
+    """A teacher that scores NaN makes every loss non-finite: each update is skipped, said, counted; weights stay."""
+    from safetensors.torch import load_file, save_file
+    teacher = tmp_path / "nan-teacher"
+    teacher.mkdir()
+    for f in embedded.TEACHER_DIR.iterdir():
+        (teacher / f.name).write_bytes(f.read_bytes())
+    w = load_file(teacher / "model.safetensors")
+    w["model.norm.weight"][0] = float("nan")
+    save_file(w, teacher / "model.safetensors")
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, str(ROOT / "opd.py"), "--student", str(embedded.STUDENT_DIR), "--teacher",
+                          str(teacher), "--data", str(embedded.TRAIN_FILE), "--steps", "2", "--batch-size", "2",
+                          "--samples", "2", "--prefix-start", "4", "--sampler", "hf", "--impl", "torch",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("update skipped") == 2, run.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [1, 2]
+    start = load_file(embedded.STUDENT_DIR / "model.safetensors")
+    end = load_file(out / "step_000002" / "model.safetensors")
+    assert all(torch.equal(start[k], end[k]) for k in start)
