@@ -84,15 +84,16 @@ STALE_GAP = 0.1
 
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS, epilog="With no --student/--teacher/--data: the "
+                                "embedded default, which also sets " + ", ".join(f"{k}={v}" for k, v in EMBEDDED.items()))
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(flag, type=typ, metavar=f.name.upper(),
-                           help=f"{f.metadata['help']} (default: {f.default})")
+            default = "" if f.default is None else f" (default: {f.default})"
+            p.add_argument(flag, type=typ, metavar=f.name.upper(), help=f.metadata["help"] + default)
     given = vars(p.parse_args(argv))
     if not any(k in given for k in ("student", "teacher", "data")):  # no model arguments: the embedded default
         import embedded
