@@ -160,15 +160,10 @@ def log0(*args):
         print(*args, flush=True)
 
 
-def all_sum(values: list[float], device) -> list[float]:
+def all_reduce(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+    """Reduce a few Python numbers over all ranks in one collective (gloo wants CPU tensors, NCCL CUDA ones)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_max(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 
@@ -527,12 +522,12 @@ def step_metrics(cfg, stats, rollouts, L, device) -> dict:
     kl_bin = torch.zeros(nbins, dtype=torch.float64, device=device).index_add_(0, bins, kl.double())
     n_bin = torch.zeros(nbins, dtype=torch.float64, device=device).index_add_(0, bins, torch.ones_like(kl).double())
     lens = [len(r[0]) for r in rollouts]
-    sums = all_sum([len(lens), sum(lens), sum(x * x for x in lens), sum(r[2] for r in rollouts), m.sum().item(),
-                    (m * kl).sum().item(), (m * cat("entropy")).sum().item(), (m * cat("ratio")).sum().item(),
-                    (m * gap).sum().item(), kl.sum().item(), len(kl)] + kl_bin.tolist() + n_bin.tolist(), device)
+    sums = all_reduce([len(lens), sum(lens), sum(x * x for x in lens), sum(r[2] for r in rollouts), m.sum().item(),
+                       (m * kl).sum().item(), (m * cat("entropy")).sum().item(), (m * cat("ratio")).sum().item(),
+                       (m * gap).sum().item(), kl.sum().item(), len(kl)] + kl_bin.tolist() + n_bin.tolist(), device)
     n, tot, sq, trunc, nm, klm, ent, ratio, gapm, klall, nall = sums[:11]
-    maxes = all_max([max(lens, default=0), (m * cat("ratio")).max().item() if len(m) else 0,
-                     (m * gap).max().item() if len(m) else 0], device)
+    maxes = all_reduce([max(lens, default=0), (m * cat("ratio")).max().item() if len(m) else 0,
+                        (m * gap).max().item() if len(m) else 0], device, dist.ReduceOp.MAX)
     kb, nb = sums[11:11 + nbins], sums[11 + nbins:]
     last = max([i for i in range(nbins) if nb[i] > 0], default=-1)
     return dict(L=L, n_seqs=int(n), seqlen_sum=int(tot), seqlen_sq_sum=int(sq), len_mean=tot / max(n, 1),
@@ -616,7 +611,7 @@ def heldout_accuracy(sampler, tok, rows, cfg, seed, device) -> float:
         outs = sampler.generate(prompts, 1, cfg.max_new_tokens, seed)
         graded = evaluation.grade(kind, [tok.decode(o[0]) for o in outs], [str(r["answer"]) for r in mine])
         correct = sum(ok for _, ok in graded)
-    c, n = all_sum([correct, len(mine)], device)
+    c, n = all_reduce([correct, len(mine)], device)
     return c / max(n, 1)
 
 
@@ -697,12 +692,12 @@ def main(argv=None):
         seqs_kept = [(s, r[1]) for s, r in zip(seqs, rollouts) if r[0]]  # empty rollouts score nothing
         scale = world / (cfg.batch_size * cfg.samples)
         n_local = len(micro_batches([len(p) + len(r) for (p, r), _ in seqs_kept], cfg.micro_batch_tokens))
-        n_micro = int(all_max([n_local], device)[0])
+        n_micro = int(all_reduce([n_local], device, dist.ReduceOp.MAX)[0])
         stats, t_teacher, t_student = train_step(cfg, student, teacher, kern, [s for s, _ in seqs_kept],
                                                  [lp for _, lp in seqs_kept], scale, pad_id, device, n_micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss = all_sum([sum(-(s["mask"] * s["ratio"] * -s["kl"]).sum().item() for s in stats)], device)[0]
+        loss = all_reduce([sum(-(s["mask"] * s["ratio"] * -s["kl"]).sum().item() for s in stats)], device)[0]
         loss /= cfg.batch_size * cfg.samples
         if math.isfinite(loss) and torch.isfinite(grad_norm):
             optimizer.step()
