@@ -1,4 +1,4 @@
-"""The embedded default: a tiny step-by-step arithmetic task, its tokenizer and two tiny Qwen3 models.
+r"""The embedded default: a tiny step-by-step arithmetic task, its tokenizer and two tiny Qwen3 models.
 
 `torchrun --nproc_per_node 2 opd.py` with no model arguments distils `teacher/` into `student/` on this
 task on a 2-core CPU. Everything here is the output of `python -m embedded.build` (seed 0).
@@ -29,14 +29,17 @@ post-trained version do (in the paper the student is Qwen3-8B-Base and the teach
   contain slips with probability 0.3 each, with the loss only on the right lines: it never slips, and
   after a slipped prefix (a student rollout) it continues with right arithmetic, not a "correction".
 Held-out accuracy at temperature 1.0, top_p 1.0 (4 samples per question) and error rate of steps 1..5:
-    teacher  ACC_T   STEPS_T
-    student  ACC_S   STEPS_S
+    teacher  0.994   0.003 0.003 0.001 0.006 0.003
+    student  0.365   0.698 0.246 0.003 0.008 0.010
 
 Prefix OPD on it (single-process check with the loss of DESIGN.md, 32 prompts x 4 rollouts per step,
 AdamW lr 3e-4, L_train = 8 + 2*step, max_new_tokens 64, held-out accuracy at temperature 1.0):
-OPD_RESULTS
-A fixed prefix of 16 tokens (delta 0) first helps and then hurts the untrained tail (0.39 -> 0.88 at
-step 10 -> 0.62 at step 20): the paper's case for a growing schedule (§4.2).
+    student accuracy   step 0   step 10            step 20            step 30     (3 seeds; teacher 0.998)
+    L = 8 + 2*step     0.355    0.78 0.80 0.72     0.93 0.96 0.89     0.95 0.93 0.88
+    L = 64 (full)      0.355    0.89               0.94               0.91
+    L = 16 (fixed)     0.355    0.91               0.89               0.74
+A fixed short prefix first helps and then hurts the untrained tail (paper §5.2, Finding 3: a small
+student's prefix competes with its tail), which the growing schedule avoids. Suggested demo: 20 steps (L_train reaches 46, the mean completion is 42 tokens).
 """
 import re
 from pathlib import Path
@@ -76,6 +79,7 @@ def make_problem(rng) -> dict:
 
 
 def parse(question: str) -> tuple[int, list[int]]:
+    """The question's start value and signed operands: 'Compute 47+38-19+26.' -> (47, [38, -19, 26])."""
     m = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.", question)
     if not m:
         raise ValueError(f"not an embedded-task question: {question!r}")
@@ -83,6 +87,7 @@ def parse(question: str) -> tuple[int, list[int]]:
 
 
 def solution(problem: dict) -> str:
+    """The worked solution, the text after the forced '<think>' line (no closing <|im_end|>)."""
     start, ops = parse(problem["question"])
     lines, v = [], start
     for op in ops:
@@ -100,7 +105,8 @@ def step_ok(completion: str) -> list:
     return ok
 
 
-def extract_answer(completion: str):
+def extract_answer(completion: str) -> str | None:
+    """The text after the last "Answer:" that follows "</think>"; None if thinking never closed."""
     if "</think>" not in completion:
         return None
     tail = completion.rsplit("</think>", 1)[1]
@@ -113,4 +119,5 @@ def extract_answer(completion: str):
 
 
 def grade(completion: str, answer: str) -> bool:
+    """Exact match of the extracted answer (a completion with or without its trailing <|im_end|>)."""
     return extract_answer(completion) == answer.strip()

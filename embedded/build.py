@@ -1,10 +1,14 @@
 """Build the embedded default from a seed: tokenizer, train/held-out split, student and teacher.
 
-    python -m embedded.build [--out DIR] [--seed 0]
+    python -m embedded.build [--out DIR] [--seed 0]      # about 5 minutes on one CPU core
 
-Deterministic given the seed (CPU, fixed thread count). See the package docstring for what is built.
+1. the tokenizer; 2. data/heldout.jsonl and data/train.jsonl; 3. the student ("base"), from scratch,
+on chains whose early steps slip; 4. the teacher: the student trained further on the right lines only;
+5. held-out accuracy at temperature 1.0 of both. Deterministic given the seed (one thread, CPU).
+The package docstring says what comes out and why.
 """
 import argparse
+import copy
 import json
 import math
 import random
@@ -46,6 +50,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def prompt_text(question: str) -> str:
+    """The chat template of the user turn with "<think>" forced (paper §3); tests check it is the same."""
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
@@ -83,10 +88,11 @@ def chain(problem: dict, rng: random.Random, p_slip) -> list:
 
 
 def make_model(tok, hidden: int, layers: int, seed: int) -> Qwen3ForCausalLM:
+    """A tiny Qwen3 (head_dim 32: vLLM's CPU attention needs >= 32) with tied embeddings."""
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
-                      head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
+                      head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
                       bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     return Qwen3ForCausalLM(cfg)
@@ -109,7 +115,7 @@ def batch_of(tok, examples):
 
 
 def train(model, tok, sample, steps: int, lr: float, batch: int, desc: str):
-    """AdamW with warmup + cosine decay on completions drawn from `sample()` -> (prompt, completion)."""
+    """AdamW with warmup + cosine decay on examples drawn from `sample()` -> [(text, trained)]."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -145,8 +151,9 @@ def complete(model, tok, questions, temperature: float = 1.0, seed: int = 0, bat
 
 def report(model, tok, rows, samples: int = 4) -> tuple:
     """(accuracy, error rate of step 1..5) over `samples` samples per question at temperature 1.0."""
-    texts = complete(model, tok, [r["question"] for r in rows for _ in range(samples)])
-    acc = sum(E.grade(x, r["answer"]) for x, r in zip(texts, [r for r in rows for _ in range(samples)])) / len(texts)
+    rows = [r for r in rows for _ in range(samples)]
+    texts = complete(model, tok, [r["question"] for r in rows])
+    acc = sum(E.grade(x, r["answer"]) for x, r in zip(texts, rows)) / len(rows)
     steps = [E.step_ok(x) for x in texts]
     err = [sum(not s[i] for s in steps if len(s) > i) / max(1, sum(len(s) > i for s in steps)) for i in range(5)]
     return acc, err
@@ -161,7 +168,7 @@ def save(model, tok, out: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=E.HERE, help="where teacher/ and student/ go (default: the package)")
+    ap.add_argument("--out", type=Path, default=E.HERE, help="where teacher/, student/ and data/ go (default: the package)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=96)
     ap.add_argument("--layers", type=int, default=3)
@@ -195,8 +202,7 @@ def main():
 
     student = make_model(tok, args.hidden, args.layers, args.seed)
     train(student, tok, base_example, args.base_steps, args.lr, args.batch, "student (base) pretrain")
-    teacher = make_model(tok, args.hidden, args.layers, args.seed)
-    teacher.load_state_dict(student.state_dict())
+    teacher = copy.deepcopy(student)
     train(teacher, tok, teacher_example, args.sft_steps, args.lr / 3, args.batch, "teacher SFT")
     for name, m in (("student", student), ("teacher", teacher)):
         save(m, tok, args.out / name)

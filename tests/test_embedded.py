@@ -90,6 +90,15 @@ def test_tokenizer_round_trip_and_chat_prompt(tok):
     assert tok.convert_ids_to_tokens(tok("85-19=66", add_special_tokens=False)["input_ids"]) == list("85-19=66")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models decode ~10x faster on one thread than on two when the machine is busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def models():
     return {name: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
@@ -107,7 +116,7 @@ def test_models_load_and_agree_on_vocab(models, tok):
         assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
 
 
-def test_teacher_beats_student_and_student_slips_early(models, tok):
+def test_teacher_beats_student_and_student_slips_early(models, tok, one_thread):
     """Greedy on 24 held-out questions: the teacher is (nearly) always right; the student's wrong steps
     are the first two (its defect) while its later steps are right arithmetic on whatever came before."""
     questions = [r["question"] for r in rows(E.HELDOUT_FILE)[:24]]
