@@ -129,9 +129,6 @@ def check_config(cfg: Config):
     need(cfg.sampler in ("vllm", "hf"), f"--sampler must be vllm or hf (got {cfg.sampler!r})")
     need(cfg.impl in ("auto", "triton", "torch"), f"--impl must be auto, triton or torch (got {cfg.impl!r})")
     need(cfg.eval_n == 0 or cfg.heldout, "--eval-n needs --heldout FILE (a .jsonl with question and answer)")
-    for name in ("data", "heldout"):
-        path = getattr(cfg, name)
-        need(path is None or Path(path).is_file(), f"--{name} {path}: no such file")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,12 +499,13 @@ def train_step(cfg, student, teacher, kernels, seqs, logp_sampler, scale, pad_id
     t_teacher = time.perf_counter() - t0
     for g, lp_t in zip(groups, teacher_lp):
         batch = [seqs[i] for i in g] or [dummy]
-        lp_s = torch.cat([torch.tensor(logp_sampler[i]) for i in g]) if g else torch.zeros(1)
+        lp_s = (torch.cat([torch.tensor(logp_sampler[i]) for i in g]) if g else torch.zeros(1)).to(device)
         mask = torch.cat([torch.tensor(token_mask(cfg, len(seqs[i][1]))) for i in g]) if g else torch.zeros(1)
-        loss, st = forward(student, batch, pad_id, device, opd_loss, lp_s.to(device), lp_t, mask.to(device), scale)
+        mask = mask.to(device)
+        loss, st = forward(student, batch, pad_id, device, opd_loss, lp_s, lp_t, mask, scale)
         loss.backward()
-        if g:
-            stats.append(dict(st, kl=lp_s.to(device) - lp_t, logp_sampler=lp_s.to(device), mask=mask.to(device),
+        if g:  # st already holds logp, entropy, ratio and kl per token
+            stats.append(dict(st, logp_sampler=lp_s, mask=mask,
                               pos=torch.cat([torch.arange(len(seqs[i][1])) for i in g]).to(device)))
     return stats, t_teacher, time.perf_counter() - t0 - t_teacher
 
@@ -697,7 +695,7 @@ def main(argv=None):
                                                  [lp for _, lp in seqs_kept], scale, pad_id, device, n_micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss = all_reduce([sum(-(s["mask"] * s["ratio"] * -s["kl"]).sum().item() for s in stats)], device)[0]
+        loss = all_reduce([sum((s["mask"] * s["ratio"] * s["kl"]).sum().item() for s in stats)], device)[0]
         loss /= cfg.batch_size * cfg.samples
         if math.isfinite(loss) and torch.isfinite(grad_norm):
             optimizer.step()
