@@ -18,6 +18,8 @@ error they show on a loss linear in logp; ours takes the target logit in fp32 (s
 import argparse
 import csv
 import importlib
+import importlib.machinery
+import importlib.util
 import math
 import os
 import statistics
@@ -29,6 +31,7 @@ import torch
 from . import fused, ref, token_logprobs
 
 GIB = 2**30
+CHUNK_SWEEP = (2048, 2752, 3328, 4096)  # 8, 6, 5, 4 chunks at T = 16384
 
 
 def parse():
@@ -37,7 +40,12 @@ def parse():
     p.add_argument("--tiny", action="store_true", help="tiny sizes; runs on CPU with the Triton interpreter")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves ~1 min)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="folder for bench.csv / bench.png")
-    return p.parse_args()
+    p.add_argument("--vs", metavar="FUSED_PY", help="also time another version of kernels/fused.py (e.g. from "
+                   "`git show REV:kernels/fused.py`) as method 'vs', to see what a change bought")
+    args = p.parse_args()
+    if args.vs and not os.path.isfile(args.vs):
+        p.error(f"--vs {args.vs}: no such file")
+    return args
 
 
 # ----------------------------------------------------------------------------- losses under test
@@ -86,10 +94,25 @@ def methods(args, dev):
         "cublas_gemm": (lambda h, w, y, c, opd: torch.mm(h, w.t()), None),
         "ours": (ours_fwd, ours_fb),
         "ours_tl(4gemm)": (None, ours_tl_fb),
-        "ours_C1024": (None, lambda *a: ours_fb(*a, chunk=1024)),
-        "ours_C4096": (None, lambda *a: ours_fb(*a, chunk=4096)),
         "torch": (torch_fwd, torch_fb),
     }
+    for rows in CHUNK_SWEEP:  # ours is 7 even chunks at T=16384 (<= 768 MiB each): the time/memory trade-off
+        out[f"ours_C{rows}"] = (None, lambda *a, rows=rows: ours_fb(*a, chunk=rows))
+    if args.vs:
+        loader = importlib.machinery.SourceFileLoader("kernels._vs", args.vs)  # in the package: relative imports
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        vs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(vs)
+
+        def vs_fwd(h, w, y, c, opd):
+            with torch.no_grad():
+                return vs.token_logprobs_triton(h, w, y)[0]
+
+        def vs_fb(h, w, y, c, opd):
+            loss, _ = vs.opd_loss_triton(h, w, y, *opd)
+            loss.backward()
+            return loss
+        out["vs"] = (vs_fwd, vs_fb)
     if dev.type == "cuda" and not args.no_compile:
         compiled = torch.compile(naive_loss, dynamic=False)
 
@@ -182,27 +205,77 @@ def grad_error(name, fb, h, w, y, c, opd):
 
 
 def row_kernel_sweep(V, dev, rows=2048):
-    """GB/s of the row kernel alone for each launch config (stats pass; stats + in-place gradient pass)."""
+    """GB/s of the row kernel alone for each launch config (stats pass; stats + in-place gradient pass),
+    and of a plain copy of the same bytes (the bandwidth it could have)."""
     import triton.testing
     x = torch.randn(rows, V, device=dev).bfloat16()
     y = torch.randint(0, V, (rows,), device=dev)
-    v = [torch.zeros(rows, device=dev) for _ in range(6)]  # logp, ent, lse2, ls, lt, m
+    v = [torch.zeros(rows, device=dev) for _ in range(9)]  # c, logp, ent, lse2, alpha, bad, ls, lt, m
     H = 4096  # the fp32 target-logit dot reads h_t and W[y_t]: 2H of the ~V values per row
     h = torch.randn(rows, H, device=dev).bfloat16()
-    w = torch.randn(V, H, device=dev).bfloat16()
+    w = (torch.randn(V, H, device=dev) / H**0.5).bfloat16()
     hw = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), H)
-    print(f"\nrow kernel alone, [{rows}, {V}] bf16, fp32 target logit at H={H} "
-          f"(read {rows * V * 2 / 1e9:.2f} GB per pass):")
+    gb = rows * V * 2 / 1e9
+    copy_ms = triton.testing.do_bench(lambda: x.clone(), warmup=10, rep=50, return_mode="median")
+    print(f"\nrow kernel alone, [{rows}, {V}] bf16 ({gb:.2f} GB), fp32 target logit at H={H}; "
+          f"a copy (read + write) runs at {2 * gb / copy_ms * 1e3:.0f} GB/s:")
     for cfg in fused._configs():
-        for grad, nbytes in ((False, 2), (True, 6)):  # bytes moved per logit: read; read + read + write
+        for grad, nbytes in ((False, 2), (True, 4)):  # bytes moved per logit: read; read + write
 
-            def launch(cfg=cfg, grad=grad):
+            def launch(cfg=cfg, grad=grad):  # with grad, later calls see the e's of the first: same work
                 fused._fwd_kernel.fn[(rows,)](x, x.stride(0), y, *v, *hw, V, fused.LOG2E, 1.0, 1e-3,
-                                              FUSED_GRAD=grad, EXACT_Y=True, BLOCK_H=1024,
+                                              FUSED_GRAD=grad, EXACT_Y=True, GIVEN_C=False, BLOCK_H=1024,
                                               num_warps=cfg.num_warps, **cfg.kwargs)
             ms = triton.testing.do_bench(launch, warmup=10, rep=50, return_mode="median")
             print(f"  BLOCK={cfg.kwargs['BLOCK']:5d} warps={cfg.num_warps:2d} fused_grad={grad!s:5}: {ms:6.3f} ms "
                   f"{rows * V * nbytes / ms / 1e6:6.0f} GB/s")
+
+
+def breakdown(V, H, T, dev):
+    """Where ours' fwd+bwd time goes at T tokens: each step of one chunk timed alone, times the number
+    of chunks, next to the 3-GEMM floor (sum over chunks of GEMM 1 alone is not the floor: the floor is
+    one T-row GEMM; small chunks lose there too)."""
+    import triton.testing
+    dt = torch.bfloat16
+    C = fused._chunk_rows(V, dt, T)
+    n = -(-T // C)
+    g = torch.Generator(device=dev).manual_seed(1)
+    hs = torch.randn(T, H, device=dev, generator=g).to(dt)
+    w = (torch.randn(V, H, device=dev, generator=g) * (2.0 / math.sqrt(H))).to(dt)
+    h, x = hs[:C], torch.empty(C, V, device=dev, dtype=dt)
+    y = torch.randint(0, V, (C,), device=dev, generator=g)
+    o = torch.zeros(9, C, device=dev)  # c, logp, ent, lse2, alpha, bad, ls, lt, m
+    o[8] = 1
+    dh32, ha = torch.empty(C, H, device=dev), torch.empty(C, H, device=dev, dtype=dt)
+    acc = torch.zeros(V, H, device=dev)
+    torch.mm(h, w.t(), out=x)
+    x0 = x.clone()
+
+    def row():
+        x.copy_(x0)  # the kernel overwrites x; the copy is timed separately and subtracted
+        fused._fwd_kernel[(C,)](x, x.stride(0), y, *o, h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1),
+                                H, V, fused.LOG2E, 1.0, 1e-3, FUSED_GRAD=True, EXACT_Y=True, GIVEN_C=False,
+                                BLOCK_H=1024)
+    steps = [  # (what, call, part of ours' time)
+        ("GEMM 1  x = h W^T (bf16 out)", lambda: torch.mm(h, w.t(), out=x), True),
+        ("row kernel (fused grad), copy subtracted", row, True),
+        ("copy x (read + write: the row kernel's floor)", lambda: x.copy_(x0), False),
+        ("GEMM 2  e' W (fp32 out)", lambda: fused._mm32(x0, w, dh32), True),
+        ("GEMM 2  e' W (bf16 out)", lambda: torch.mm(x0, w), False),
+        ("dh rows * alpha, h * alpha", lambda: (torch.mul(dh32, o[4][:, None], out=ha),
+                                                torch.mul(h, o[4][:, None], out=ha)), True),
+        ("GEMM 3  acc += e'^T (alpha h) (fp32, beta=1)", lambda: fused._acc_dw(acc, x0, ha, first=False), True),
+        ("GEMM 3  e'^T h (bf16 out, no accumulate)", lambda: torch.mm(x0.t(), h), False),
+    ]
+    ms = [triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") for _, f, _ in steps]
+    ms[1] -= ms[2]
+    floor = triton.testing.do_bench(lambda: torch.mm(hs, w.t()), warmup=10, rep=40, return_mode="median")
+    print(f"\nbreakdown of ours fwd+bwd, T={T}, H={H}: {n} chunks of <= {C} rows; ms per chunk, x {n}:")
+    total = sum(n * v for v, (_, _, used) in zip(ms, steps) if used)
+    for v, (what, _, used) in zip(ms, steps):
+        print(f"  {what:48s} {v:7.3f} ms  x{n} = {n * v:7.2f} ms{'' if used else '   (for reference)'}")
+    print(f"  {'sum':48s} {'':7s}          = {total:7.2f} ms;  3-GEMM floor {3 * floor:.2f} ms "
+          f"(one {T}-row GEMM {floor:.2f} ms)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -273,6 +346,8 @@ def main():
     if dev.type == "cuda":
         print("autotuned row kernel:", getattr(fused._fwd_kernel, "best_config", None))
         row_kernel_sweep(V, dev)
+        for H in Hs:
+            breakdown(V, H, T_main, dev)
     report(rows, T_main, args.out)
 
 
@@ -292,7 +367,7 @@ def grad_errors(meths, w, T, g):
     y, c, opd = loss_inputs(T, V, w.device, g)
     errs = {}
     for name, (_, fb) in meths.items():
-        if fb is None or name in ("torch.compile", "ours_C1024", "ours_C4096"):
+        if fb is None or name == "torch.compile" or name.startswith("ours_C"):
             continue  # compile: the same math as torch (and a minute to recompile); chunks: the same as ours
         try:
             errs[name] = grad_error(name, fb, h, w, y, c, opd)

@@ -1,47 +1,57 @@
 """Fused LM-head log-probs, entropy and the OPD importance-sampling loss (cuBLAS + one Triton kernel).
 
-Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a ~740 MiB
-buffer; C = 2560 for V = 151936 in bf16). For one chunk, with hidden h [C, H], head W [V, H],
-sampled tokens y [C] and temperature T:
+Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a <= 768 MiB
+buffer; 7 chunks of ~2368 rows for 16384 tokens at V = 151936 in bf16). For one chunk, with hidden
+h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x log2(e) / T):
 
     x     = h @ W^T                          cuBLAS, stored in the input dtype       (GEMM 1)
-    z     = x / T
-    lse   = log sum_v exp z_v                ┐ one Triton program per row, one pass over x:
-    logp  = z_y - lse              (<= 0)    │ running max (starts at -inf), running sum of
-    ent   = lse - sum_v p_v z_v              ┘ exp and of exp * (z - max); p = exp(z - lse)
+    S     = sum_v 2^(u_v - c)                ┐ one Triton program per row, ONE read of x, for a
+    logp  = ln2 (u_y - c - log2 S)  (<= 0)   │ shift c fixed before the pass: c = u_y + 64, so no
+    ent   = ln2 (log2 S - A / S)             ┘ max pass is needed (A = sum_v 2^(u_v - c) (u_v - c))
 
-The target logit is read from the same buffer as the log-sum-exp, so lse >= z_y up to rounding,
-and logp is clamped at 0 to absorb the last ulp.
+Why a fixed shift works: 2^(u - c) is stored in the input dtype, and bf16 / fp32 hold 2^-126..2^127
+at full relative precision. With c = u_y + 64 every term within 2^-62 of the row's largest survives,
+and nothing overflows while max_v u_v - c <= 96, i.e. unless the target sits 160 bits (111 nats)
+below the row's max (logp < ~-111). The program checks that on the way (a per-lane max, no
+cross-lane reduction inside the loop) and flags such rows; they are redone after the loop with c =
+their exact max (one more GEMM for just those rows). fp16 has no such range, so for fp16 c is always
+the row max (one extra read of x).
 
 bf16/fp16 logits: x is rounded to 2^-9 of its size, so z_y (size ~|z|) is off by up to ~|z| 2^-9,
 and logp with it. Every method that keeps 16-bit logits (naive torch, Liger) has this error in logp;
 in the OPD loss it also enters the gradient through ratio = exp(logp - ls) (~6e-3 relative where a
-loss linear in logp sees ~2.5e-3). The row program therefore also takes the target logit as an fp32
-dot of h_t and W[y_t] (2H extra reads per row, ~3 % of the row's bytes at H = 4096) and swaps it
-into the sum: with p16 = 2^(u_y - lse2), p32 = 2^(u_y32 - lse2) (u = z log2 e),
-    lse2_y = lse2 + log2((1 - p16) + p32),   logp = ln2 (u_y32 - lse2_y) <= 0   exactly,
-so logp is that of logits where only the target is exact (what is left is the other logits'
-rounding, p-weighted in the lse: ~4x smaller). Entropy and p in dx keep the 16-bit logits.
+loss linear in logp sees ~2.5e-3). The row program therefore takes u_y as an fp32 dot of h_t and
+W[y_t] (2H extra reads per row, ~3 % of the row's bytes at H = 4096) and swaps it into the sum:
+S_y = (S - 2^(u_y16 - c)) + 2^(u_y - c), logp = ln2 (u_y - c - log2 S_y) <= 0, so logp is that of
+logits where only the target is exact (what is left is the other logits' rounding, p-weighted in
+the sum: ~4x smaller). Entropy and p in dx keep the 16-bit logits.
 
 opd_loss with grad. Per token t (mask weight m, sampler / teacher log-probs ls, lt):
     kl = ls - lt,  adv = -kl,  ratio = exp(logp - ls),  loss = -scale * sum_t m ratio adv,
     g  = dloss/dlogp = -scale * m * ratio * adv        (d ratio / d logp = ratio)
-g is known as soon as logp is, so the same program makes a second pass over its row and
-overwrites x in place with the logits gradient
+The logits gradient dx_v = (g / T)(1[v = y] - p_v) needs S, which is known only at the end of the
+row; but with p_v = e_v / S_y (e_v = 2^(u_v - c)) it is a row scale of what the pass already has:
 
-    dx_v = (g / T) * (1[v = y] - p_v)
+    dx = alpha * e',   alpha = -g / (T S_y),   e'_v = e_v (v != y),   e'_y = e_y16 - S
 
-then dh = dx @ W (GEMM 2) and dW += dx^T @ h (GEMM 3, accumulated in fp32 across chunks).
-Backward only multiplies the saved dh, dW by the incoming scalar: 3 GEMMs in all, the floor.
-Masked tokens (m = 0) are dropped before any work.
+so the same pass overwrites x in place with e' (column y last, once S is known), and then
+
+    dh = alpha * (e' @ W)        GEMM 2, fp32 out, scaled before its one rounding
+    dW += e'^T @ (alpha * h)     GEMM 3, accumulated in fp32 across chunks
+
+Bytes per logit in the row program: one read and one write (two reads and a write when the
+gradient needed the final lse first). Backward only multiplies the saved dh, dW by the incoming
+scalar: 3 GEMMs in all, the floor. Masked tokens (m = 0) are dropped before any work. The rounding
+of alpha * h to bf16 adds ~2^-9 relative error per element to dW's terms (measured by emulation at
+T=512, V=16384: dW error 2.3e-3 -> 2.9e-3 vs fp64; naive torch 7.8e-3).
 
 token_logprobs cannot know its upstream gradients during forward, so it saves lse and ent, and
 its backward recomputes x per chunk (4 GEMMs in all) and writes, with E = sum_v p_v z_v,
 
     dx_v = (1/T) * (g_logp (1[v = y] - p_v) - g_ent p_v (z_v - E))      (d ent / d z_v = -p_v (z_v - E))
 
-The kernels work in base 2 (u = x * log2(e) / T, exp2/log2), which is what the hardware computes.
-Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); they use no tl.dot.
+The kernels work in base 2 (exp2/log2), which is what the hardware computes. Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); they use no tl.dot.
 """
 import math
 import os
@@ -60,39 +70,7 @@ if INTERPRET and not isinstance(tl.standard.sum, triton.runtime.interpreter.Inte
     raise ImportError("TRITON_INTERPRET=1 was set after triton had been imported; set it before Python starts")
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
-CHUNK_BYTES = 768 * 2**20  # logits buffer per chunk (C = 2560 at V = 151936 bf16); the GEMMs want C in the thousands
-
-
-@triton.jit
-def _row_stats(x_row, V, k2, BLOCK: tl.constexpr):
-    """One pass over a row of raw logits x[0:V]; u = x * k2 with k2 = log2(e) / T.
-
-    Per lane: s = sum 2^(u - m), a = sum 2^(u - m) (u - m), m the running row max (scalar).
-    When the max moves from m to m', both rescale by 2^(m - m'), and a also shifts by (m - m') s.
-    Returns lse2 = log2 sum_v 2^u and the entropy in nats, ln2 * (log2 s - a / s).
-    """
-    cols = tl.arange(0, BLOCK)
-    m = -float("inf")
-    s = tl.zeros([BLOCK], dtype=tl.float32)
-    a = tl.zeros([BLOCK], dtype=tl.float32)
-    x_next = tl.load(x_row + cols, mask=cols < V, other=-float("inf"))
-    for off in range(0, V, BLOCK):
-        c = off + cols
-        inb = c < V
-        u = x_next.to(tl.float32) * k2
-        x_next = tl.load(x_row + c + BLOCK, mask=c + BLOCK < V, other=-float("inf"))  # prefetch: 2 blocks in flight
-        m_new = tl.maximum(m, tl.max(u, 0))  # finite from the first block on: it holds column 0
-        alpha = tl.exp2(m - m_new)  # 0 on the first block, where m = -inf
-        e = tl.exp2(u - m_new)  # 0 on padded lanes
-        dm = tl.where(m == -float("inf"), 0.0, m - m_new)  # s = 0 then; avoid -inf * 0
-        a = alpha * (a + dm * s) + e * tl.where(inb, u - m_new, 0.0)
-        s = alpha * s + e
-        m = m_new
-    s_tot = tl.sum(s, 0)
-    a_tot = tl.sum(a, 0)
-    lse2 = m + tl.log2(s_tot)
-    ent = tl.maximum(0.6931471805599453 * (tl.log2(s_tot) - a_tot / s_tot), 0.0)
-    return lse2, ent
+CHUNK_BYTES = 768 * 2**20  # logits buffer per chunk (<= 2650 rows at V = 151936 bf16); the GEMMs want C in the thousands
 
 
 @triton.jit
@@ -125,16 +103,23 @@ def _configs():
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 16))]
 
 
-# restore_value: autotuning reruns the kernel, and these kernels overwrite x in place.
-@triton.autotune(configs=_configs(), key=["V", "FUSED_GRAD", "EXACT_Y"], restore_value=["x_ptr"])
+SHIFT = tl.constexpr(64.0)  # c = u_y + SHIFT: 2^(u - c) neither underflows where it matters nor overflows
+LIMIT = tl.constexpr(96.0)  # a row whose max u exceeds c + LIMIT is redone with c = its max (see above)
+
+
+# restore_value: autotuning reruns the kernel, and it overwrites x in place.
+@triton.autotune(configs=_configs(), key=["V", "FUSED_GRAD", "EXACT_Y", "GIVEN_C"], restore_value=["x_ptr"])
 @triton.jit
 def _fwd_kernel(
-    x_ptr,  # [C, V] logits of this chunk (bf16/fp16/fp32); overwritten with dx when FUSED_GRAD
+    x_ptr,  # [C, V] logits of this chunk (bf16/fp16/fp32); overwritten with e = 2^(u - c) when FUSED_GRAD
     stride_x,  # row stride of x, in elements
     y_ptr,  # [C] int target token ids
+    c_ptr,  # [C] fp32 shift c per row            (read only when GIVEN_C)
     logp_ptr,  # [C] fp32 out: log p(y)
     ent_ptr,  # [C] fp32 out: entropy (nats)
     lse2_ptr,  # [C] fp32 out: log2 sum_v 2^u (saved for token_logprobs' backward)
+    alpha_ptr,  # [C] fp32 out: dx = alpha * x_new, row by row (written only when FUSED_GRAD)
+    bad_ptr,  # [C] fp32 out: 1 where the row's max passed c + LIMIT (its outputs are void; redo it)
     ls_ptr,  # [C] fp32 sampler log-probs          (read only when FUSED_GRAD)
     lt_ptr,  # [C] fp32 teacher log-probs          (read only when FUSED_GRAD)
     m_ptr,  # [C] fp32 mask weights, all nonzero  (read only when FUSED_GRAD)
@@ -147,16 +132,16 @@ def _fwd_kernel(
     k2,  # log2(e) / T
     inv_t,  # 1 / T
     scale,  # loss scale (e.g. 1 / number of rollouts)
-    FUSED_GRAD: tl.constexpr,  # also write the OPD loss's logits gradient into x
+    FUSED_GRAD: tl.constexpr,  # also turn x into the OPD loss's logits gradient (up to the row scale alpha)
     EXACT_Y: tl.constexpr,  # x is 16-bit: take the target logit from an fp32 dot of h and W[y]
+    GIVEN_C: tl.constexpr,  # c comes from c_ptr (the row max), not from the target logit
     BLOCK_H: tl.constexpr,  # hidden elements per step of that dot
     BLOCK: tl.constexpr,  # columns per step
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     y = tl.load(y_ptr + row)
-    lse2, ent = _row_stats(x_row, V, k2, BLOCK)
-    u_y = tl.load(x_row + y).to(tl.float32) * k2  # the very element the pass above summed
+    u_y16 = tl.load(x_row + y).to(tl.float32) * k2  # the very element the pass below sums
     if EXACT_Y:  # x is bf16/fp16: redo the target logit in fp32 (see the module docstring)
         kk = tl.arange(0, BLOCK_H)
         dot = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -167,21 +152,54 @@ def _fwd_kernel(
             hv = tl.load(h_row + k * stride_hk, mask=k < H, other=0.0).to(tl.float32)
             wv = tl.load(w_row + k * stride_wk, mask=k < H, other=0.0).to(tl.float32)
             dot += hv * wv
-        u_y32 = tl.sum(dot, 0) * k2
-        # log2 of the row's sum with 2^u_y swapped for 2^u_y32, relative to 2^lse2: still >= 2^u_y32
-        lse2_y = lse2 + tl.log2((1.0 - tl.exp2(u_y - lse2)) + tl.exp2(u_y32 - lse2))
-        logp = tl.minimum((u_y32 - lse2_y) * 0.6931471805599453, 0.0)
+        u_y = tl.sum(dot, 0) * k2
     else:
-        logp = tl.minimum((u_y - lse2) * 0.6931471805599453, 0.0)
+        u_y = u_y16
+    if GIVEN_C:
+        c = tl.load(c_ptr + row)
+    else:
+        c = u_y + SHIFT
+    # One pass: per lane s = sum 2^(u - c), a = sum 2^(u - c) (u - c), running max; with FUSED_GRAD each
+    # block's e = 2^(u - c) replaces x (all but column y, which gets its own value below).
+    cols = tl.arange(0, BLOCK)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    a = tl.zeros([BLOCK], dtype=tl.float32)
+    mx = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    x_next = tl.load(x_row + cols, mask=cols < V, other=-float("inf"))
+    for off in range(0, V, BLOCK):
+        col = off + cols
+        inb = col < V
+        u = x_next.to(tl.float32) * k2
+        x_next = tl.load(x_row + col + BLOCK, mask=col + BLOCK < V, other=-float("inf"))  # prefetch: 2 in flight
+        d = u - c
+        e = tl.exp2(d)  # 0 on padded lanes
+        s += e
+        a += e * tl.where(inb, d, 0.0)
+        mx = tl.maximum(mx, u)
+        if FUSED_GRAD:
+            tl.store(x_row + col, e.to(x_row.dtype.element_ty), mask=inb & (col != y))
+    S = tl.sum(s, 0)
+    bad = tl.max(mx, 0) - c > LIMIT
+    e16 = tl.exp2(u_y16 - c)
+    S_y = (S - e16) + tl.exp2(u_y - c)  # the sum with the target's exact logit swapped in
+    logp = tl.minimum(((u_y - c) - tl.log2(S_y)) * 0.6931471805599453, 0.0)
+    ent = tl.maximum(0.6931471805599453 * (tl.log2(S) - tl.sum(a, 0) / S), 0.0)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
-    tl.store(lse2_ptr + row, lse2)
+    tl.store(lse2_ptr + row, c + tl.log2(S))
+    tl.store(bad_ptr + row, bad.to(tl.float32))
     if FUSED_GRAD:
         ls = tl.load(ls_ptr + row)
         lt = tl.load(lt_ptr + row)
         w = tl.load(m_ptr + row)
         g = -scale * w * tl.exp(logp - ls) * (lt - ls)  # dloss/dlogp = -scale m ratio adv
-        _write_dx(x_row, V, y, k2, lse2, g * inv_t, 0.0, 0.0, False, BLOCK)
+        if bad:  # e may hold inf: zero the row so that GEMMs 2 and 3 add nothing for it until it is redone
+            for off in range(0, V, BLOCK):
+                tl.store(x_row + off + cols, tl.zeros([BLOCK], dtype=x_row.dtype.element_ty), mask=off + cols < V)
+            tl.store(alpha_ptr + row, 0.0)
+        else:
+            tl.store(x_row + y, (e16 - S).to(x_row.dtype.element_ty))  # alpha (e16 - S) = (g / T)(1 - p_y)
+            tl.store(alpha_ptr + row, -g * inv_t / S_y)
 
 
 @triton.autotune(configs=_configs(), key=["V", "HAS_ENT"], restore_value=["x_ptr"])
@@ -218,10 +236,13 @@ def _bwd_kernel(
 
 
 def _chunk_rows(V, dtype, n, chunk_rows=None):
-    rows = chunk_rows or max(1, CHUNK_BYTES // (V * torch.finfo(dtype).bits // 8))
-    if chunk_rows is None and rows >= 512:
-        rows = rows // 256 * 256  # GEMM-friendly
-    return max(1, min(rows, n))
+    """Rows per chunk: as many as CHUNK_BYTES holds, then evened out so that the last chunk is not a
+    ragged remainder (16384 tokens at V = 151936 bf16: 7 chunks of 2368 / 2176, not 6 x 2560 + 1024)."""
+    if chunk_rows:
+        return max(1, min(chunk_rows, n))
+    cap = max(1, CHUNK_BYTES // (V * torch.finfo(dtype).bits // 8))
+    rows = -(-n // -(-n // cap))  # ceil(n / number of chunks)
+    return min(cap, -(-rows // 64) * 64) if rows >= 512 else rows  # GEMM-friendly
 
 
 def _acc_dtype(dtype):
@@ -275,6 +296,16 @@ def _acc_dw(acc, dx, h, first):
                 acc[v0:v0 + 16384].add_(part)
 
 
+def _mm32(a, b, out):
+    """out (fp32, or a's dtype when that is wider) = a @ b with one rounding at the end."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    elif _f32_out_ok(a.device):
+        torch.addmm(out, a, b, beta=0, out_dtype=torch.float32, out=out)
+    else:  # CPU (tests) or torch < 2.8: upcast the operands
+        torch.mm(a.float(), b.float(), out=out)
+
+
 def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=False, need_dw=False):
     """Loop over token chunks: GEMM 1, the row kernel, and (fused OPD grad) GEMMs 2 and 3.
 
@@ -283,32 +314,51 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=Fals
     """
     M, H = hs.shape
     V = weight.shape[0]
-    dev = hs.device
-    logp, ent, lse2 = (torch.empty(M, device=dev, dtype=torch.float32) for _ in range(3))
-    dh = torch.empty(M, H, device=dev, dtype=hs.dtype) if need_dh else None
-    acc = torch.empty(V, H, device=dev, dtype=_acc_dtype(hs.dtype)) if need_dw and M else None
+    dev, dt = hs.device, hs.dtype
+    out = torch.empty(5, M, device=dev, dtype=torch.float32)  # logp, ent, lse2, alpha, bad
+    dh = torch.empty(M, H, device=dev, dtype=dt) if need_dh else None
+    acc = torch.empty(V, H, device=dev, dtype=_acc_dtype(dt)) if need_dw and M else None
     if M == 0:
-        return logp, ent, lse2, dh, acc
-    C = _chunk_rows(V, hs.dtype, M, chunk_rows)
-    buf = torch.empty(C, V, device=dev, dtype=hs.dtype)
-    k2, inv_t = LOG2E / temperature, 1.0 / temperature
-    ls, lt, m, scale = fused if fused is not None else (logp, logp, logp, 0.0)  # unread when not fused
-    exact_y = torch.finfo(hs.dtype).bits == 16
-    for r0 in range(0, M, C):
-        r1 = min(r0 + C, M)
-        x = buf[: r1 - r0]
-        h = hs[r0:r1]
+        return out[0], out[1], out[2], dh, acc
+    C = _chunk_rows(V, dt, M, chunk_rows)
+    buf = torch.empty(C, V, device=dev, dtype=dt)
+    dh32 = torch.empty(C, H, device=dev, dtype=_acc_dtype(dt)) if need_dh else None
+    h_alpha = torch.empty(C, H, device=dev, dtype=dt) if need_dw else None
+    k2 = LOG2E / temperature
+    ls, lt, m, scale = fused if fused is not None else (out[0], out[0], out[0], 0.0)  # unread when not fused
+    fp16 = dt == torch.float16  # 2^(u - c) has no room in fp16 unless c is the row max
+
+    def chunk(rows, o, dh_rows, row_max=fp16, first=False):
+        """Chunk `rows` (a slice or an index tensor of tokens) into outputs o [5, n] and dh_rows [n, H]."""
+        h = hs[rows]
+        x = buf[: h.shape[0]]
         torch.mm(h, weight.t(), out=x)
-        _fwd_kernel[(r1 - r0,)](
-            x, x.stride(0), ys[r0:r1], logp[r0:r1], ent[r0:r1], lse2[r0:r1], ls[r0:r1], lt[r0:r1], m[r0:r1],
+        c = x.amax(1).float() * k2 if row_max else o[0]  # c: the shift (module docstring); o[0]: unread
+        _fwd_kernel[(h.shape[0],)](
+            x, x.stride(0), ys[rows], c, *o, ls[rows], lt[rows], m[rows],
             h, h.stride(0), h.stride(1), weight, weight.stride(0), weight.stride(1), H,
-            V, k2, inv_t, float(scale), FUSED_GRAD=fused is not None, EXACT_Y=exact_y,
-            BLOCK_H=min(1024, triton.next_power_of_2(H)))
+            V, k2, 1.0 / temperature, float(scale), FUSED_GRAD=fused is not None,
+            EXACT_Y=torch.finfo(dt).bits == 16, GIVEN_C=row_max, BLOCK_H=min(1024, triton.next_power_of_2(H)))
+        alpha = o[3][:, None]
+        if need_dh:  # dx = alpha x: scale GEMM 2's output rows, in fp32 before the one rounding
+            _mm32(x, weight, dh32[: h.shape[0]])
+            torch.mul(dh32[: h.shape[0]], alpha, out=dh_rows)
+        if need_dw:  # ... and GEMM 3's h rows (dx^T h = x^T (alpha h))
+            _acc_dw(acc, x, torch.mul(h, alpha, out=h_alpha[: h.shape[0]]), first)
+
+    for r0 in range(0, M, C):
+        rows = slice(r0, min(r0 + C, M))
+        chunk(rows, out[:, rows], dh[rows] if need_dh else None, first=r0 == 0)
+    redo = torch.nonzero(out[4]).squeeze(1)  # the second host sync; rows almost never need it
+    for i in range(0, redo.numel(), C):
+        rows = redo[i:i + C]
+        o = torch.empty(5, rows.numel(), device=dev, dtype=torch.float32)
+        dh_rows = torch.empty(rows.numel(), H, device=dev, dtype=dt) if need_dh else None
+        chunk(rows, o, dh_rows, row_max=True)
+        out.index_copy_(1, rows, o)
         if need_dh:
-            torch.mm(x, weight, out=dh[r0:r1])
-        if need_dw:
-            _acc_dw(acc, x, hs[r0:r1], first=r0 == 0)
-    return logp, ent, lse2, dh, acc
+            dh.index_copy_(0, rows, dh_rows)
+    return out[0], out[1], out[2], dh, acc
 
 
 def _grad_weight(acc, g, dtype):
@@ -384,7 +434,7 @@ class _OPDLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ls, lt, mask, scale, temperature, chunk_rows, need_dh, need_dw):
         N = hidden.shape[0]
         w = mask.float()
-        idx = torch.nonzero(w).squeeze(1)  # the one host sync: how many tokens are trained
+        idx = torch.nonzero(w).squeeze(1)  # a host sync: how many tokens are trained
         full = idx.numel() == N
         sel = (lambda t: t) if full else (lambda t: t.index_select(0, idx))
         ls_c, lt_c, w_c = sel(ls), sel(lt), sel(w)

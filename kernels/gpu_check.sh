@@ -6,6 +6,8 @@
 # (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
 # Each step is cut off by its own timeout (150 + 270 + 100 + 70 s) so the whole script stays under 10 minutes.
 # Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, ...) is installed first.
+# Optional: VS=path/to/an/older/fused.py times that version too (bench method "vs"), e.g. prepared with
+#     mkdir -p .gpu_prev && git show 340c492:kernels/fused.py > .gpu_prev/fused.py   (then carry .gpu_prev)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
@@ -33,7 +35,8 @@ tests_rc=$?
 [ $tests_rc -eq 124 ] && log "ERROR: tests timed out after 150 s"
 
 log "2/4 python -m kernels.bench (quick) -> $OUT"
-timeout 270 $PY -m kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+VS="${VS:-$(ls .gpu_prev/fused.py 2>/dev/null)}"
+timeout 270 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
 bench_rc=$?
 [ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 270 s"
 

@@ -211,6 +211,7 @@ def test_opd_loss_hand_computed(temp):
         assert loss1.item() == pytest.approx(ln(2), rel=1e-5) and st1["logp"][1].item() == 0
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rows past the shift's range, then redone
 @pytest.mark.parametrize("dtype", [BF16, FP32])
 def test_extreme_logits(dtype):
     """Logits up to about +-80 (and /0.7): no inf/NaN, logp <= 0, entropy >= 0, errors like torch's."""
@@ -231,6 +232,60 @@ def test_extreme_logits(dtype):
     for mine, truth, torch_ in ((lp, lp64, lpt), (dh, dh64, dht), (dw, dw64, dwt)):
         assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
     assert (en - en64).abs().max() <= 2 * (ent - en64).abs().max() + 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter says so for the rows redone
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_opd_loss_far_targets_are_redone(dtype):
+    """Targets 111+ nats below their row's max overflow the kernel's fixed shift c = u_y + 64 bits:
+    those rows must be flagged, redone with c = the row max, and land exactly where the rest would."""
+    N, V, H = 24, 1007, 64
+    h, w, y = make(N, V, H, dtype, logit_std=60.0, seed=6)
+    z = h.double() @ w.double().t()
+    y[::2] = z[::2].argmin(1)  # every other target at the row's minimum: logp ~ -300
+    y[1::2] = z[1::2].argmax(1)
+    with torch.no_grad():
+        lp64 = ref.token_logprobs_ref(h.double(), w.double(), y)[0]
+    assert lp64[::2].max() < -115 and lp64[1::2].min() > -1  # both kinds of rows are there
+    ls = lp64.float() + 0.01 * torch.randn(N, device=DEV)  # a sampler that agrees with the trainer
+    lt = ls - torch.rand(N, device=DEV)
+    args = (y, ls, lt, torch.ones(N, device=DEV), 1 / N)
+    (loss, *_), dh, dw = run(lambda a, b: fused.opd_loss_triton(a, b, *args, chunk_rows=7)[0], h, w, upstream=[1.0])
+    (_,), dh64, dw64 = run(lambda a, b: ref.opd_loss_ref(a, b, *args)[0], h.double(), w.double(),
+                                upstream=[1.0])
+    (_,), dht, dwt = run(lambda a, b: (torch.exp(naive_token_logprobs(a, b, y, 1.0)[0] - ls) * (ls - lt)).sum() / N,
+                         h, w, upstream=[1.0])
+    st = fused.opd_loss_triton(h, w, *args)[1]
+    lpt = naive_token_logprobs(h, w, y, 1.0)[0]
+    assert within(rel(st["logp"], lp64), rel(lpt, lp64), dtype), (rel(st["logp"], lp64), rel(lpt, lp64))
+    for mine, truth, torch_ in ((dh, dh64, dht), (dw, dw64, dwt)):
+        assert torch.isfinite(mine).all()
+        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+    # the loss is its own logp's (whose error is checked above; one scalar of a few rows is too noisy to compare)
+    assert loss.item() == pytest.approx((torch.exp(st["logp"] - ls) * (ls - lt)).sum().item() / N, rel=1e-5)
+
+
+def test_fp16_uses_the_row_max():
+    """fp16 cannot hold 2^(u - c) for c = u_y + 64: the shift is the row max there. Same checks as bf16."""
+    N, V, H = 37, 1007, 64
+    h, w, y = make(N, V, H, torch.float16, seed=7)
+    ls, lt = -torch.rand(N, device=DEV), -1 - torch.rand(N, device=DEV)
+    args = (y, ls, lt, torch.ones(N, device=DEV), 1 / N)
+    (_,), dh, dw = run(lambda a, b: fused.opd_loss_triton(a, b, *args)[0], h, w, upstream=[1.0])
+    (_,), dh64, dw64 = run(lambda a, b: ref.opd_loss_ref(a, b, *args)[0], h.double(), w.double(), upstream=[1.0])
+    (_,), dht, dwt = run(lambda a, b: (torch.exp(naive_token_logprobs(a, b, y, 1.0)[0] - ls) * (ls - lt)).sum() / N,
+                         h, w, upstream=[1.0])
+    for mine, truth, torch_ in ((dh, dh64, dht), (dw, dw64, dwt)):
+        assert torch.isfinite(mine).all()
+        assert within(rel(mine, truth), rel(torch_, truth), BF16), (rel(mine, truth), rel(torch_, truth))
+
+
+def test_chunks_are_even():
+    """No ragged last chunk: 16384 tokens at V = 151936 bf16 go as 7 chunks of <= 2368 rows."""
+    C = fused._chunk_rows(151936, BF16, 16384)
+    assert C * 151936 * 2 <= fused.CHUNK_BYTES and C % 64 == 0
+    assert -(-16384 // C) == 7 and 16384 - 6 * C >= 0.9 * C
+    assert fused._chunk_rows(151936, BF16, 100) == 100 and fused._chunk_rows(151936, BF16, 16384, 1000) == 1000
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
