@@ -1,7 +1,7 @@
 """Fused LM-head log-probs, entropy and the OPD importance-sampling loss (cuBLAS + one Triton kernel).
 
-Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a <= 768 MiB
-buffer; 7 chunks of ~2368 rows for 16384 tokens at V = 151936 in bf16). For one chunk, with hidden
+Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a <= 832 MiB
+buffer; 6 chunks of <= 2752 rows for 16384 tokens at V = 151936 in bf16). For one chunk, with hidden
 h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x log2(e) / T):
 
     x     = h @ W^T                          cuBLAS, stored in the input dtype       (GEMM 1)
@@ -70,7 +70,10 @@ if INTERPRET and not isinstance(tl.standard.sum, triton.runtime.interpreter.Inte
     raise ImportError("TRITON_INTERPRET=1 was set after triton had been imported; set it before Python starts")
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
-CHUNK_BYTES = 768 * 2**20  # logits buffer per chunk (<= 2650 rows at V = 151936 bf16); the GEMMs want C in the thousands
+# Logits buffer per chunk (<= 2871 rows at V = 151936 bf16: 16384 tokens in 6 chunks). Every chunk costs one
+# read-modify-write of the fp32 dW accumulator in GEMM 3 (8 V H bytes: ~1 ms at H = 4096 on an H200), so
+# chunks are as large as the memory target allows: peak extra <= 1 GiB + fp32 W.grad at T = 16384, H = 4096.
+CHUNK_BYTES = 832 * 2**20
 
 
 @triton.jit
@@ -237,7 +240,7 @@ def _bwd_kernel(
 
 def _chunk_rows(V, dtype, n, chunk_rows=None):
     """Rows per chunk: as many as CHUNK_BYTES holds, then evened out so that the last chunk is not a
-    ragged remainder (16384 tokens at V = 151936 bf16: 7 chunks of 2368 / 2176, not 6 x 2560 + 1024)."""
+    ragged remainder (16384 tokens at V = 151936 bf16: 6 chunks of 2752 / 2624, not 5 x 2871 + 2029)."""
     if chunk_rows:
         return max(1, min(chunk_rows, n))
     cap = max(1, CHUNK_BYTES // (V * torch.finfo(dtype).bits // 8))
@@ -322,8 +325,9 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=Fals
         return out[0], out[1], out[2], dh, acc
     C = _chunk_rows(V, dt, M, chunk_rows)
     buf = torch.empty(C, V, device=dev, dtype=dt)
-    dh32 = torch.empty(C, H, device=dev, dtype=_acc_dtype(dt)) if need_dh else None
-    h_alpha = torch.empty(C, H, device=dev, dtype=dt) if need_dw else None
+    # one [C, H] scratch for GEMM 2's fp32 output, then (once that is scaled into dh) for alpha * h
+    dh32 = torch.empty(C, H, device=dev, dtype=_acc_dtype(dt)) if need_dh or need_dw else None
+    h_alpha = dh32.view(dt)[:, :H] if need_dw else None
     k2 = LOG2E / temperature
     ls, lt, m, scale = fused if fused is not None else (out[0], out[0], out[0], 0.0)  # unread when not fused
     fp16 = dt == torch.float16  # 2^(u - c) has no room in fp16 unless c is the row max
