@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 import embedded as E
+from opd import chat_prompt  # the one prompt: chat template of the user turn, "<think>\n" forced
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # pad, turn start, eos
 THINK = ["<think>", "</think>"]                              # added, not special (as in Qwen3)
@@ -47,11 +48,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK])
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
-
-
-def prompt_text(question: str) -> str:
-    """The chat template of the user turn with "<think>" forced (paper §3); tests check it is the same."""
-    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
 def write_split(out: Path, seed: int, n_train: int = 4000, n_heldout: int = 200) -> list:
@@ -142,7 +138,7 @@ def complete(model, tok, questions, temperature: float = 1.0, seed: int = 0, bat
     kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     texts = []
     for i in range(0, len(questions), batch):
-        enc = tok([prompt_text(q) for q in questions[i:i + batch]], return_tensors="pt", padding=True,
+        enc = tok([chat_prompt(tok, q) for q in questions[i:i + batch]], return_tensors="pt", padding=True,
                   add_special_tokens=False)
         out = model.generate(**enc, max_new_tokens=96, pad_token_id=tok.pad_token_id, **kw)
         texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)
@@ -194,11 +190,11 @@ def main():
 
     def base_example():   # the base imitates every line, slips included
         p = problem()
-        return [(prompt_text(p["question"]), False)] + [(line, True) for line, _ in chain(p, rng, args.p_slip)]
+        return [(chat_prompt(tok, p["question"]), False)] + [(line, True) for line, _ in chain(p, rng, args.p_slip)]
 
     def teacher_example():   # learns only the right lines, so it never slips but continues from a slip
         p = problem()
-        return [(prompt_text(p["question"]), False)] + [(l, not s) for l, s in chain(p, rng, args.teacher_slip)]
+        return [(chat_prompt(tok, p["question"]), False)] + [(l, not s) for l, s in chain(p, rng, args.teacher_slip)]
 
     student = make_model(tok, args.hidden, args.layers, args.seed)
     train(student, tok, base_example, args.base_steps, args.lr, args.batch, "student (base) pretrain")

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import embedded as E
 from embedded import build as B
+from opd import chat_prompt
 
 
 def rows(path):
@@ -83,7 +84,7 @@ def test_tokenizer_round_trip_and_chat_prompt(tok):
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     for r in rows(E.HELDOUT_FILE)[:50]:
-        text = B.prompt_text(r["question"]) + E.solution(r) + "<|im_end|>"
+        text = chat_prompt(tok, r["question"]) + E.solution(r) + "<|im_end|>"
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
     # digits are single characters, so arithmetic is done digit by digit

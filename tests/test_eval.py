@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+import eval as ev
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import eval as ev  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "eval"
 T = "Let me work it out...\n</think>\n"  # a finished reasoning block

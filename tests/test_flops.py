@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
+import flops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import flops  # noqa: E402
 
 # hidden 8, intermediate 16, 2 layers, 2 query heads, 1 kv head, head_dim 4, vocab 10, tied embedding
 TINY = flops.ModelConfig(8, 16, 2, 2, 1, 4, 10, True, "tiny")
