@@ -630,13 +630,16 @@ def main(argv=None):
         if not cfg.resume and latest_checkpoint(cfg.out):
             raise UsageError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
         s_cfg, t_cfg = flops.load_config(cfg.student), flops.load_config(cfg.teacher)
+        import kernels
+        impl = cfg.impl if cfg.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
+        if impl == "triton" and not kernels.triton_usable(torch.empty(0, device=device)):
+            raise UsageError(f"--impl triton cannot run on {device.type} here ({kernels.FUSED_ERROR or 'no GPU'}); "
+                             "use --impl torch (or set TRITON_INTERPRET=1 for a slow CPU check)")
     except (UsageError, ValueError, OSError) as e:
         log0(f"opd.py: error: {e}")
         dist.destroy_process_group()
         sys.exit(2)
 
-    import kernels
-    impl = cfg.impl if cfg.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
     kern = kernels.get_impl(impl)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = stop_ids(tok)

@@ -6,15 +6,17 @@ h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x l
 
     x     = h @ W^T                          cuBLAS, stored in the input dtype       (GEMM 1)
     S     = sum_v 2^(u_v - c)                ┐ one Triton program per row, ONE read of x, for a
-    logp  = ln2 (u_y - c - log2 S)  (<= 0)   │ shift c fixed before the pass: c = u_y + 64, so no
-    ent   = ln2 (log2 S - A / S)             ┘ max pass is needed (A = sum_v 2^(u_v - c) (u_v - c))
+    logp  = ln2 (u_y - c - log2 S)  (<= 0)   │ shift c fixed before the pass: c = u_y, the target's
+    ent   = ln2 (log2 S - A / S)             ┘ own logit (A = sum_v 2^(u_v - c) (u_v - c))
 
 Why a fixed shift works: 2^(u - c) is stored in the input dtype, and bf16 / fp32 hold 2^-126..2^127
-at full relative precision. With c = u_y + 64 every term within 2^-62 of the row's largest survives,
-and nothing overflows while max_v u_v - c <= 96, i.e. unless the target sits 160 bits (111 nats)
-below the row's max (logp < ~-111). The program checks that on the way (a per-lane max, no
-cross-lane reduction inside the loop) and flags such rows; they are redone after the loop with c =
-their exact max (one more GEMM for just those rows). fp16 has no such range, so for fp16 c is always
+at full relative precision. With c = u_y, S >= 1 (the target's own term) and every term that is
+lost to underflow has p < 2^-126; nothing overflows while max_v u_v - c <= 96 bits, i.e. unless
+the target sits 96 bits (66 nats) below the row's max (logp < ~-66). The program checks that on the
+way (a per-lane max, no cross-lane reduction inside the loop) and flags such rows; they are redone
+after the loop with c = their exact max (one more GEMM for just those rows). log2 S = -logp / ln2
+is small for likely targets, so logp keeps fp32's relative precision (a shift far from the lse,
+e.g. u_y + 64, would cost ~64 * 2^-24 absolute). fp16 has no such range, so for fp16 c is always
 the row max (one extra read of x).
 
 bf16/fp16 logits: x is rounded to 2^-9 of its size, so z_y (size ~|z|) is off by up to ~|z| 2^-9,
@@ -106,8 +108,7 @@ def _configs():
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 16))]
 
 
-SHIFT = tl.constexpr(64.0)  # c = u_y + SHIFT: 2^(u - c) neither underflows where it matters nor overflows
-LIMIT = tl.constexpr(96.0)  # a row whose max u exceeds c + LIMIT is redone with c = its max (see above)
+LIMIT = tl.constexpr(96.0)  # bits: a row whose max u exceeds c + LIMIT is redone with c = its max (see above)
 
 
 # restore_value: autotuning reruns the kernel, and it overwrites x in place.
@@ -161,7 +162,7 @@ def _fwd_kernel(
     if GIVEN_C:
         c = tl.load(c_ptr + row)
     else:
-        c = u_y + SHIFT
+        c = u_y
     # One pass: per lane s = sum 2^(u - c), a = sum 2^(u - c) (u - c), running max; with FUSED_GRAD each
     # block's e = 2^(u - c) replaces x (all but column y, which gets its own value below).
     cols = tl.arange(0, BLOCK)

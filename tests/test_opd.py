@@ -132,8 +132,8 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
         assert not out.exists(), argv
 
 
-def torchrun(args, out, **kw):
-    env = dict(os.environ, VLLM_CACHE_ROOT=str(out.parent / "vllm-cache"), OMP_NUM_THREADS="1")
+def torchrun(args, out, env_extra=None, **kw):
+    env = dict(os.environ, VLLM_CACHE_ROOT=str(out.parent / "vllm-cache"), OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 300), str(ROOT / "opd.py"), "--out", str(out)] + args
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -190,6 +190,30 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path):
     assert start.keys() == end.keys()
     assert max((start[k].float() - end[k].float()).abs().max().item() for k in start) > 1e-4
     assert not list(out.glob(".tmp_step_*"))
+
+
+def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
+    """The fused kernels (Triton interpreter on CPU) inside a real 2-rank FSDP2 step: the same numbers as the torch
+    reference on the same rollouts. Without the interpreter, --impl triton on CPU is refused in one line."""
+    args = ["--steps", "1", "--batch-size", "4", "--samples", "2", "--prefix-start", "24", "--sampler", "hf",
+            "--eval-n", "0"]
+    rec = {}
+    for impl in ("triton", "torch"):
+        proc = torchrun(args + ["--impl", impl], tmp_path / impl, env_extra={"TRITON_INTERPRET": "1"})
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log
+        rec[impl] = json.loads((tmp_path / impl / "metrics.jsonl").read_text().splitlines()[0])
+    a, b = rec["triton"], rec["torch"]
+    assert a["seqlen_sum"] == b["seqlen_sum"] and a["trained_tokens"] == b["trained_tokens"] > 0  # same rollouts
+    for k in ("loss", "kl", "entropy", "ratio_mean", "grad_norm"):
+        assert a[k] == pytest.approx(b[k], rel=1e-4), (k, a[k], b[k])
+    assert a["kl"] > 0.05 and a["grad_norm"] > 1  # numbers with something to compare (L = 24: the arithmetic)
+    assert a["gap_max"] < 1e-4  # the kernel's logp is the HF sampler's (fp32)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "opd.py"), "--impl", "triton", "--out", str(tmp_path / "x")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2 and "--impl triton cannot run on cpu" in run.stdout, run.stdout + run.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_non_finite_loss_skips_the_update(tmp_path):
