@@ -13,7 +13,10 @@ Gradient error: ||g - g_ref|| / ||g_ref|| over dh and dW (the larger), against t
 fp32 (no TF32) on the same bf16-rounded inputs, at T=2048. Logits have std 2 (max ~9); bf16 logits
 round to 2^-9 of their size. In the OPD loss that rounding also enters the gradient through
 ratio = exp(logp - ls), so methods that take logp from bf16 logits (naive torch, Liger) show ~3x the
-error they show on a loss linear in logp; ours takes the target logit in fp32 (see fused.py). Writes bench.csv, bench.png, prints a table and the targets.
+error they show on a loss linear in logp; ours takes the target logit in fp32 (see fused.py).
+Writes bench.csv, bench.png, prints a table and the targets. On a GPU, diagnostics follow: the row kernel
+alone per launch config (vs a plain copy), ours step by step (breakdown), and the three GEMMs' TFLOP/s per
+chunk size (gemm_sweep.csv). `--vs OLD_FUSED_PY` times another version of fused.py beside ours.
 """
 import argparse
 import csv
@@ -278,6 +281,47 @@ def breakdown(V, H, T, dev):
           f"(one {T}-row GEMM {floor:.2f} ms)")
 
 
+def gemm_sweep(V, Hs, dev, out):
+    """TFLOP/s of the three GEMMs at each chunk size C (rows): which C the GPU likes. Output tiles come in
+    waves over the SMs, so a C a little too large for a whole wave can cost more than it saves.
+    GEMM 2 is also timed split in two along V (a batched GEMM + a sum): twice the tiles, for when its
+    C x H output is too few tiles to fill the GPU. Writes gemm_sweep.csv."""
+    import triton.testing
+    dt, rows, split_ok = torch.bfloat16, [], None if V % 2 == 0 else False
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(f"\nGEMMs of one chunk vs its row count C (bf16, V={V}, {sms} SMs), TFLOP/s:")
+    print(f"{'H':>5s} {'C':>5s} {'GEMM1 hW^T':>11s} {'GEMM2 xW f32':>13s} {'GEMM2 split2':>13s} {'GEMM3 +=x^Th':>13s}")
+    for H in Hs:
+        g = torch.Generator(device=dev).manual_seed(2)
+        w = (torch.randn(V, H, device=dev, generator=g) / math.sqrt(H)).to(dt)
+        acc = torch.zeros(V, H, device=dev)
+        for C in range(1024, 4097, 256):
+            h = torch.randn(C, H, device=dev, generator=g).to(dt)
+            x = torch.empty(C, V, device=dev, dtype=dt)
+            torch.mm(h, w.t(), out=x)
+            x.mul_(1e-3)
+            o32 = torch.empty(C, H, device=dev)
+            calls = [lambda: torch.mm(h, w.t(), out=x), lambda: fused._mm32(x, w, o32)]
+            def split2():  # [2, C, V/2] @ [2, V/2, H] -> [2, C, H], summed: split-K by hand
+                return torch.bmm(x.view(C, 2, V // 2).transpose(0, 1), w.view(2, V // 2, H),
+                                 out_dtype=torch.float32).sum(0)
+            if split_ok is None:
+                try:
+                    split2()
+                    split_ok = True
+                except (RuntimeError, TypeError, NotImplementedError) as e:  # bmm with out_dtype: newer torch only
+                    print(f"  (GEMM2 split2 unavailable: {type(e).__name__})")
+                    split_ok = False
+            calls.append(split2 if split_ok else None)
+            calls.append(lambda: fused._acc_dw(acc, x, h, first=False))
+            tf = [2 * C * V * H / triton.testing.do_bench(f, warmup=5, rep=25, return_mode="median") / 1e9
+                  if f else float("nan") for f in calls]
+            rows.append(dict(H=H, C=C, gemm1=tf[0], gemm2=tf[1], gemm2_split2=tf[2], gemm3=tf[3]))
+            print(f"{H:5d} {C:5d} {tf[0]:11.0f} {tf[1]:13.0f} {tf[2]:13.0f} {tf[3]:13.0f}", flush=True)
+        del w, acc
+    write_csv(rows, os.path.join(out, "gemm_sweep.csv"))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -343,12 +387,15 @@ def main():
                     print(f"{name:15s} {mode:8s} T={T:6d} H={H}: {ms:9.2f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  "
                           f"peak extra {mem:6.2f} GiB  ({first_s:.1f} s)", flush=True)
                     write_csv(rows, csv_path)  # as we go: a run cut short still leaves its numbers
-    if dev.type == "cuda":
-        print("autotuned row kernel:", getattr(fused._fwd_kernel, "best_config", None))
-        row_kernel_sweep(V, dev)
-        for H in Hs:
-            breakdown(V, H, T_main, dev)
     report(rows, T_main, args.out)
+    if dev.type == "cuda":  # diagnostics, after the table so that a failure or a timeout here costs nothing above
+        print("\nautotuned row kernel:", getattr(fused._fwd_kernel, "best_config", None))
+        for diag in [lambda: row_kernel_sweep(V, dev)] + [lambda H=H: breakdown(V, H, T_main, dev) for H in Hs] + \
+                [lambda: gemm_sweep(V, Hs, dev, args.out)]:
+            try:
+                diag()
+            except Exception as e:
+                print(f"diagnostic failed: {type(e).__name__}: {e}")
 
 
 def loss_inputs(T, V, dev, g):
