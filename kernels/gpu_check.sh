@@ -5,6 +5,7 @@
 # Then the whole-model step benchmark (kernels/bench_step.py) and a short training run of opd.py on the GPU
 # (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
 # Each step is cut off by its own timeout (150 + 270 + 100 + 70 s) so the whole script stays under 10 minutes.
+# Optional: ONLY="tests bench step opd" (any subset) runs only those steps.
 # Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, ...) is installed first.
 # Optional: VS=path/to/an/older/fused.py times that version too (bench method "vs"), e.g. prepared with
 #     mkdir -p .gpu_prev && git show 340c492:kernels/fused.py > .gpu_prev/fused.py   (then carry .gpu_prev)
@@ -16,6 +17,7 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 log() { echo "[gpu_check] $*" | tee -a "$OUT/gpu_check.log"; }
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }  # ONLY="tests bench" runs just those steps
 
 if ! $PY -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'" 2>>"$OUT/gpu_check.log"; then
     log "ERROR: need python with torch + triton and a CUDA GPU ($PY); see $OUT/gpu_check.log"
@@ -29,26 +31,35 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || log "WARNING: wheel install failed; going on"
 fi
 
-log "1/4 tests/test_kernels.py on CUDA"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=$?
-[ $tests_rc -eq 124 ] && log "ERROR: tests timed out after 150 s"
+tests_rc=0 bench_rc=0 step_rc=0 opd_rc=0
+if want tests; then
+    log "1/4 tests/test_kernels.py on CUDA"
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests_rc=$?
+    [ $tests_rc -eq 124 ] && log "ERROR: tests timed out after 150 s"
+fi
 
-log "2/4 python -m kernels.bench (quick) -> $OUT"
-VS="${VS:-$(ls .gpu_prev/fused.py 2>/dev/null)}"
-timeout 270 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
-bench_rc=$?
-[ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 270 s"
+if want bench; then
+    log "2/4 python -m kernels.bench (quick) -> $OUT"
+    VS="${VS:-$(ls .gpu_prev/fused.py 2>/dev/null)}"
+    timeout 270 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
+    bench_rc=$?
+    [ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 270 s"
+fi
 
-log "3/4 python -m kernels.bench_step (Qwen3-1.7B / 8B shapes, 16384 tokens)"
-timeout 100 $PY -m kernels.bench_step --out "$OUT" 2>&1 | tee "$OUT/bench_step.log"
-step_rc=$?
+if want step; then
+    log "3/4 python -m kernels.bench_step (Qwen3-1.7B / 8B shapes, 16384 tokens)"
+    timeout 100 $PY -m kernels.bench_step --out "$OUT" 2>&1 | tee "$OUT/bench_step.log"
+    step_rc=$?
+fi
 
-log "4/4 opd.py on the GPU: embedded default, 4 steps, HF sampler, Triton kernels"
-# OPD_ARGS: optional model flags, e.g. "--student S --teacher T --data D --heldout H" (default: embedded)
-timeout 70 $PY -m torch.distributed.run --nproc_per_node 1 opd.py --sampler hf --impl triton --steps 4 \
-    --eval-n 64 ${OPD_ARGS:-} --out /tmp/opd_gpu 2>&1 | grep -v Warning | tee "$OUT/opd_gpu.log"
-opd_rc=$?
+if want opd; then
+    log "4/4 opd.py on the GPU: embedded default, 4 steps, HF sampler, Triton kernels"
+    # OPD_ARGS: optional model flags, e.g. "--student S --teacher T --data D --heldout H" (default: embedded)
+    timeout 70 $PY -m torch.distributed.run --nproc_per_node 1 opd.py --sampler hf --impl triton --steps 4 \
+        --eval-n 64 ${OPD_ARGS:-} --out /tmp/opd_gpu 2>&1 | grep -v Warning | tee "$OUT/opd_gpu.log"
+    opd_rc=$?
+fi
 
 log "exit codes: tests $tests_rc, bench $bench_rc, bench_step $step_rc, opd $opd_rc"
 [ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $step_rc -eq 0 ] && [ $opd_rc -eq 0 ]
