@@ -596,6 +596,46 @@ def load_checkpoint(path, model, optimizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run at a glance: OUT/metrics.png, redrawn at every checkpoint and at the end (rank 0).
+def plot_run(out: Path, kl_bin: int):
+    """KL and L_train per step; KL by rollout position (paper Fig. 2/5) for a few steps; KL against training FLOPs
+    (Appendix B, the paper's x-axis); entropy, importance ratio and sampler gap. A plot must never stop a run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])  # a resumed run redid some
+        step = [r["step"] + 1 for r in recs]
+        fig, ax = plt.subplots(1, 4, figsize=(20, 4))
+        ax[0].plot(step, [r["kl"] for r in recs], label="KL, trained tokens")
+        ax[0].plot(step, [r["kl_all"] for r in recs], label="KL, all sampled tokens")
+        ax[0].set(xlabel="step", ylabel="sampled-token reverse KL")
+        ax[0].legend(loc="upper left")
+        ax[0].twinx().plot(step, [r["L"] for r in recs], "k:")[0].axes.set_ylabel("L_train (dotted)")
+        for i in sorted({0, len(recs) // 2, len(recs) - 1}):
+            kl = [math.nan if v is None else v for v in recs[i]["kl_by_pos"]]  # None: no token in that bin
+            ax[1].plot([(j + 0.5) * kl_bin for j in range(len(kl))], kl, "o-", ms=3, label=f"step {step[i]}")
+        ax[1].set(xlabel="position in rollout (tokens)", ylabel="KL", title="KL by position")
+        ax[1].legend()
+        ax[2].plot([r["flops_total"] for r in recs], [r["kl_all"] for r in recs], "o-", ms=3)
+        ax[2].set(xscale="log", xlabel="training FLOPs (Appendix B)", ylabel="KL, all sampled tokens")
+        ax[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for k in ("entropy", "ratio_max", "gap_mean"):
+            ax[3].plot(step, [max(r[k], 1e-12) for r in recs], label=k)
+        ax[3].set(yscale="log", xlabel="step")
+        ax[3].legend()
+        if (out / "heldout.json").exists():
+            acc = json.loads((out / "heldout.json").read_text())
+            fig.suptitle("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+        fig.tight_layout()
+        fig.savefig(out / "metrics.png", dpi=90)
+        plt.close(fig)
+    except Exception as e:  # noqa: BLE001
+        log0(f"note: no metrics.png ({type(e).__name__}: {e})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Held-out accuracy, the quick sanity print around a run (eval.py is the full protocol).
 def heldout_accuracy(sampler, tok, rows, cfg, seed, device) -> float:
     """One sample per question at temperature 1.0, up to --max-new-tokens, graded as eval.py grades it."""
@@ -728,6 +768,8 @@ def main(argv=None):
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
             path = save_checkpoint(cfg, step + 1, student, optimizer, tok, skipped, flops_total)
             log0(f"saved {path}")
+            if rank == 0:
+                plot_run(out, cfg.kl_bin)
 
     if heldout:
         sync_sampler()
@@ -735,6 +777,7 @@ def main(argv=None):
         log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         if rank == 0:
             (out / "heldout.json").write_text(json.dumps(acc))
+            plot_run(out, cfg.kl_bin)
     log0(f"done: {cfg.steps - start} steps, {flops_total:.3e} FLOP (paper accounting), {skipped} skipped updates")
     dist.destroy_process_group()
 

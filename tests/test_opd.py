@@ -190,6 +190,7 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path):
     assert start.keys() == end.keys()
     assert max((start[k].float() - end[k].float()).abs().max().item() for k in start) > 1e-4
     assert not list(out.glob(".tmp_step_*"))
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn at each checkpoint
 
 
 def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
