@@ -389,6 +389,8 @@ class VLLMSampler:
         self.llm.collective_rpc(_vllm_finish)
         if self.cuda:
             self.llm.wake_up(tags=["kv_cache"])
+        # Cached prefixes hold keys/values of the old weights: a prompt sharing one would be sampled off-policy.
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompt_ids, n, max_tokens, seed):
         from vllm import SamplingParams

@@ -217,6 +217,40 @@ def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monkeypatch):
+    """vLLM's prefix cache keeps keys/values computed with the old weights; prompts that share a cached prefix after a
+    sync must still be sampled, and scored, with the new weights (without the reset this test sees 1.3e-2 nats)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    for k, v in dict(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), OMP_NUM_THREADS="1",
+                     VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_LOGGING_LEVEL="ERROR").items():
+        monkeypatch.setenv(k, v)
+    tok = opd.load_tokenizers(opd.parse_args([]))
+    # long prompts: several full KV blocks each, so a second request for them hits the cache
+    prompts = [tok(opd.chat_prompt(tok, " ".join([r["question"]] * 12)), add_special_tokens=False).input_ids
+               for r in opd.read_rows(embedded.HELDOUT_FILE)[:4]]
+    sampler = opd.VLLMSampler(str(embedded.STUDENT_DIR), opd.parse_args([]), 512, 0, 1, opd.stop_ids(tok))
+    try:
+        sampler.generate(prompts, 1, 8, seed=0)  # fills the cache with the shipped weights' keys/values
+        g = torch.Generator().manual_seed(0)
+        new = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g)
+               for k, v in load_file(embedded.STUDENT_DIR / "model.safetensors").items()}
+        sampler.load_weights([new])
+        after = sampler.generate(prompts, 1, 8, seed=0)
+    finally:
+        del sampler.llm
+        import gc
+        gc.collect()
+    hf = AutoModelForCausalLM.from_pretrained(embedded.STUDENT_DIR, dtype=torch.float32)
+    hf.load_state_dict(new, strict=False)
+    hf.tie_weights()
+    for p, (toks, lps, _) in zip(prompts, after):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + toks])).logits[0, len(p) - 1:-1]
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
+        assert (want - torch.tensor(lps)).abs().max() < 1e-3
+
+
 def test_non_finite_loss_skips_the_update(tmp_path):
     """A teacher that scores NaN makes every loss non-finite: each update is skipped, said, counted; weights stay."""
     from safetensors.torch import load_file, save_file
