@@ -333,9 +333,6 @@ def _vllm_start(worker):
 
 def _vllm_load(worker, weights):
     from vllm.config import set_current_vllm_config
-    if isinstance(weights, bytes):  # from a process of its own: safetensors bytes
-        from safetensors.torch import load
-        weights = load(weights)
     with set_current_vllm_config(worker.vllm_config):
         worker.model_runner.get_model().load_weights(iter(weights.items()))
 
@@ -358,21 +355,24 @@ def _vllm_finish(worker):
 class VLLMSampler:
     """vLLM colocated with the trainer: one engine per rank, sampling that rank's prompts.
 
-    GPU: in-process engine (`external_launcher`) on the rank's own GPU, slept while the trainer works.
-    CPU: an engine in a process of its own (an in-process one joins the trainer's gloo group and deadlocks).
+    The engine lives in the trainer's process (`external_launcher`), on the rank's own device. On GPU it sleeps while
+    the trainer works (level 2 drops the weights: every generate must follow a load_weights).
     """
 
     def __init__(self, path, cfg: Config, max_model_len: int, rank: int, world: int, stop: list[int]):
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # callables + tensors through collective_rpc
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the per-step log readable
+        for k in ("RANK", "LOCAL_RANK"):  # the external launcher reads them; a plain `python opd.py` has none
+            os.environ.setdefault(k, "0")
         self.cuda = torch.cuda.is_available()
         if not self.cuda:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto" if world == 1 else str(rank % os.cpu_count()))
         from vllm import LLM
-        kw = dict(model=path, seed=cfg.seed + rank, max_model_len=max_model_len, enable_prefix_caching=True)
+        # external_launcher, data_parallel_size 1: vLLM's "ExternalDP", an engine in this process on this rank's
+        # device, with no collectives while generating (its DP mode steps all ranks in lockstep: for MoE, hang-prone).
+        kw = dict(model=path, seed=cfg.seed + rank, max_model_len=max_model_len, enable_prefix_caching=True,
+                  distributed_executor_backend="external_launcher")
         if self.cuda:
-            kw.update(dtype="bfloat16", distributed_executor_backend="external_launcher", data_parallel_size=world,
-                      gpu_memory_utilization=cfg.vllm_memory, enable_sleep_mode=True)
+            kw.update(dtype="bfloat16", gpu_memory_utilization=cfg.vllm_memory, enable_sleep_mode=True)
         else:
             kw.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True)
         self.llm, self.stop = LLM(**kw), stop
@@ -381,10 +381,7 @@ class VLLMSampler:
         if self.cuda:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc(_vllm_start)
-        for bucket in buckets:
-            if not self.cuda:
-                from safetensors.torch import save
-                bucket = save({k: v.cpu().contiguous() for k, v in bucket.items()})
+        for bucket in buckets:  # in-process: the tensors go by reference
             self.llm.collective_rpc(_vllm_load, args=(bucket,))
         self.llm.collective_rpc(_vllm_finish)
         if self.cuda:
@@ -708,9 +705,9 @@ def main(argv=None):
     def sync_sampler():  # the sampler must sample from the weights being trained (on-policy)
         sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
 
-    sync_sampler()
     acc = {}
     if heldout and start == 0:
+        sync_sampler()
         if cfg.eval_teacher:
             teacher_sampler = HFSampler(cfg.teacher, device, pad_id, stop)
             acc["teacher"] = heldout_accuracy(teacher_sampler, tok, heldout, cfg, cfg.seed, device)
@@ -722,8 +719,7 @@ def main(argv=None):
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         L = schedule(cfg, step)
-        if step > start:
-            sync_sampler()
+        sync_sampler()  # every generate follows a sync: the GPU sampler drops its weights when it sleeps
         t_sync = time.perf_counter() - t0
         idx = step_prompts(len(questions), step, cfg.batch_size, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
         rollouts = sampler.generate([prompt_ids[i] for i in idx], cfg.samples, L,

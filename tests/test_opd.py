@@ -222,9 +222,13 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
     sync must still be sampled, and scored, with the new weights (without the reset this test sees 1.3e-2 nats)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    for k, v in dict(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), OMP_NUM_THREADS="1",
-                     VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_LOGGING_LEVEL="ERROR").items():
+    # set through monkeypatch so that they are restored afterwards (the sampler sets RANK / LOCAL_RANK for vLLM)
+    for k, v in dict(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), VLLM_LOGGING_LEVEL="ERROR", RANK="0",
+                     LOCAL_RANK="0", VLLM_CPU_OMP_THREADS_BIND="auto").items():
         monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RANK")  # opd.init_dist: a world of one, as under a plain `python opd.py`
+    import torch.distributed as dist
+    opd.init_dist()
     tok = opd.load_tokenizers(opd.parse_args([]))
     # long prompts: several full KV blocks each, so a second request for them hits the cache
     prompts = [tok(opd.chat_prompt(tok, " ".join([r["question"]] * 12)), add_special_tokens=False).input_ids
@@ -241,6 +245,8 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
         del sampler.llm
         import gc
         gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     hf = AutoModelForCausalLM.from_pretrained(embedded.STUDENT_DIR, dtype=torch.float32)
     hf.load_state_dict(new, strict=False)
     hf.tie_weights()
