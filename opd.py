@@ -320,7 +320,7 @@ def full_weights(model, dtype, bucket_bytes=256 << 20):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Samplers. Both: load_weights(buckets), generate(prompt_ids, n, max_tokens, seed) -> list of
-# (token_ids, logprobs, truncated) per prompt × sample, with the sampler's own logprob of every sampled token.
+# (token_ids, logprobs, truncated) per prompt × sample, with the sampler's own logprob of every sampled token; close().
 def _vllm_start(worker):
     import logging
     from vllm.config import set_current_vllm_config
@@ -389,6 +389,10 @@ class VLLMSampler:
         # Cached prefixes hold keys/values of the old weights: a prompt sharing one would be sampled off-policy.
         self.llm.reset_prefix_cache()
 
+    def close(self):
+        # vLLM tears down its process groups (built on ours, and ours with them): now, not at exit after ours are gone
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, prompt_ids, n, max_tokens, seed):
         from vllm import SamplingParams
         # One seed per prompt (vLLM gives the n samples seed+0..n-1): reproducible rollouts, also after a resume.
@@ -410,6 +414,9 @@ class HFSampler:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device, self.pad_id, self.stop = device, pad_id, stop
+
+    def close(self):
+        pass
 
     @torch.no_grad()
     def load_weights(self, buckets):
@@ -777,7 +784,9 @@ def main(argv=None):
             (out / "heldout.json").write_text(json.dumps(acc))
             plot_run(out, cfg.kl_bin)
     log0(f"done: {cfg.steps - start} steps, {flops_total:.3e} FLOP (paper accounting), {skipped} skipped updates")
-    dist.destroy_process_group()
+    sampler.close()
+    if dist.is_initialized():  # vLLM's shutdown may have destroyed it already
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
