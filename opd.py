@@ -284,7 +284,8 @@ def load_model(path, device, train: bool):
     cuda = device.type == "cuda"
     # Master weights in fp32 for the student; the frozen teacher needs only its compute copy.
     dtype = torch.float32 if train or not cuda else torch.bfloat16
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    # Loaded on the CPU: fully_shard moves each layer to the GPU as it shards it, so a GPU never holds the whole model.
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     saved = AutoConfig.from_pretrained(path).dtype  # checkpoints keep the dtype the model shipped in
     hf.config.dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
     hf.config.use_cache = False
