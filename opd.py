@@ -696,15 +696,15 @@ def main(argv=None):
     student = load_model(cfg.student, device, train=True)
     teacher = load_model(cfg.teacher, device, train=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, skipped, flops_total = 0, 0, 0.0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, student, optimizer)
-        start, skipped, flops_total = state["step"], state["skipped"], state["flops_total"]
-        log0(f"resumed from {ckpt}: step {start}, L_train {schedule(cfg, start)}")
     if cfg.sampler == "vllm":
         sampler = VLLMSampler(cfg.student, cfg, max_len, rank, world, stop)
     else:
         sampler = HFSampler(cfg.student, device, pad_id, stop)
+    start, skipped, flops_total = 0, 0, 0.0
+    if ckpt is not None:  # after the sampler: vLLM reseeds the process's RNGs when it starts; the resumed ones win
+        state = load_checkpoint(ckpt, student, optimizer)
+        start, skipped, flops_total = state["step"], state["skipped"], state["flops_total"]
+        log0(f"resumed from {ckpt}: step {start}, L_train {schedule(cfg, start)}")
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
