@@ -360,13 +360,11 @@ class VLLMSampler:
     the trainer works (level 2 drops the weights: every generate must follow a load_weights).
     """
 
-    def __init__(self, path, cfg: Config, max_model_len: int, rank: int, world: int, stop: list[int]):
+    def __init__(self, path, cfg: Config, max_model_len: int, rank: int, stop: list[int]):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the per-step log readable
         for k in ("RANK", "LOCAL_RANK"):  # the external launcher reads them; a plain `python opd.py` has none
             os.environ.setdefault(k, "0")
         self.cuda = torch.cuda.is_available()
-        if not self.cuda:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto" if world == 1 else str(rank % os.cpu_count()))
         from vllm import LLM
         # external_launcher, data_parallel_size 1: vLLM's "ExternalDP", an engine in this process on this rank's
         # device, with no collectives while generating (its DP mode steps all ranks in lockstep: for MoE, hang-prone).
@@ -697,7 +695,7 @@ def main(argv=None):
     teacher = load_model(cfg.teacher, device, train=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.sampler == "vllm":
-        sampler = VLLMSampler(cfg.student, cfg, max_len, rank, world, stop)
+        sampler = VLLMSampler(cfg.student, cfg, max_len, rank, stop)
     else:
         sampler = HFSampler(cfg.student, device, pad_id, stop)
     start, skipped, flops_total = 0, 0, 0.0

@@ -225,7 +225,7 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
     from transformers import AutoModelForCausalLM
     # set through monkeypatch so that they are restored afterwards (the sampler sets RANK / LOCAL_RANK for vLLM)
     for k, v in dict(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), VLLM_LOGGING_LEVEL="ERROR", RANK="0",
-                     LOCAL_RANK="0", VLLM_CPU_OMP_THREADS_BIND="auto").items():
+                     LOCAL_RANK="0").items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("RANK")  # opd.init_dist: a world of one, as under a plain `python opd.py`
     import torch.distributed as dist
@@ -234,7 +234,7 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
     # long prompts: several full KV blocks each, so a second request for them hits the cache
     prompts = [tok(opd.chat_prompt(tok, " ".join([r["question"]] * 12)), add_special_tokens=False).input_ids
                for r in opd.read_rows(embedded.HELDOUT_FILE)[:4]]
-    sampler = opd.VLLMSampler(str(embedded.STUDENT_DIR), opd.parse_args([]), 512, 0, 1, opd.stop_ids(tok))
+    sampler = opd.VLLMSampler(str(embedded.STUDENT_DIR), opd.parse_args([]), 512, 0, opd.stop_ids(tok))
     try:
         sampler.generate(prompts, 1, 8, seed=0)  # fills the cache with the shipped weights' keys/values
         g = torch.Generator().manual_seed(0)
