@@ -279,25 +279,48 @@ class LogProbs(torch.nn.Module):
 
 
 def load_model(path, device, train: bool):
+    """Rank 0 reads the checkpoint (host RAM: one copy per job, not one per rank); the other ranks build the model on
+    the meta device. After sharding, rank 0 broadcasts every tensor and each rank keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
-    cuda = device.type == "cuda"
+    cuda, rank0 = device.type == "cuda", dist.get_rank() == 0
     # Master weights in fp32 for the student; the frozen teacher needs only its compute copy.
     dtype = torch.float32 if train or not cuda else torch.bfloat16
-    # Loaded on the CPU: fully_shard moves each layer to the GPU as it shards it, so a GPU never holds the whole model.
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    if rank0:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    else:
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                  attn_implementation="sdpa")
+    full = hf.state_dict() if rank0 else {}  # rank 0's CPU tensors, alive past sharding
+    buffers = {k: b.clone() for k, b in hf.named_buffers()}  # e.g. rotary inv_freq (not in the state dict)
     saved = AutoConfig.from_pretrained(path).dtype  # checkpoints keep the dtype the model shipped in
     hf.config.dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
     hf.config.use_cache = False
-    if not train:
+    if train:  # long rollouts: recompute each layer's activations in backward rather than keep them. HF does that
+        # only in training mode, so the student trains in it, with every dropout at 0 (its logprobs must be the sampler's)
+        hf.train()
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for m in hf.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
+    else:
         hf.requires_grad_(False).eval()
-    elif cuda:  # long rollouts: recompute each layer's activations in backward rather than keep them
-        hf.gradient_checkpointing_enable()
     model = LogProbs(hf)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     for layer in hf.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    set_model_state_dict(hf, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for k, b in hf.named_buffers():
+            if rank0:
+                b.copy_(buffers[k])
+            dist.broadcast(b, src=0)
     return model
 
 

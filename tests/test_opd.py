@@ -150,6 +150,44 @@ def kill_tree(proc):
     psutil.wait_procs(procs, timeout=30)
 
 
+def test_two_ranks_load_the_checkpoint_exactly(tmp_path):
+    """Rank 0 reads the weights, rank 1 builds on the meta device; after sharding and the broadcast, the full weights
+    (and buffers such as rotary inv_freq) on every rank equal the files'."""
+    script = tmp_path / "load.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import opd, embedded
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+rank, world, device = opd.init_dist()
+for path, train in ((embedded.STUDENT_DIR, True), (embedded.TEACHER_DIR, False)):
+    model = opd.load_model(path, device, train)
+    want = load_file(path / "model.safetensors")
+    got = {{k: v for b in opd.full_weights(model, torch.float32) for k, v in b.items()}}
+    assert set(want) <= set(got), set(want) - set(got)
+    assert all(torch.equal(got[k], want[k].float()) for k in want), [k for k in want if not torch.equal(got[k], want[k].float())]
+    ref = AutoModelForCausalLM.from_pretrained(path)
+    for k, b in model.hf.named_buffers():
+        assert torch.equal(b, dict(ref.named_buffers())[k]), k
+    # the student recomputes each layer's activations in backward (HF checkpoints only in training mode)
+    calls, layer = [], model.hf.model.layers[0]
+    forward = layer.forward
+    layer.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.set_grad_enabled(train):
+        out = model(ids, torch.tensor([0, 0]), torch.tensor([1, 2]), lambda h, w, y: ((h @ w.t()).sum(), None))
+    if train:
+        out[0].backward()
+    assert len(calls) == (2 if train else 1), (path, len(calls))
+print("rank", rank, "ok")
+""")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29900 + os.getpid() % 90), str(script)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
+
+
 def test_two_ranks_vllm_kill_and_resume(tmp_path):
     """A real run: FSDP2 over 2 gloo ranks, a vLLM-CPU engine per rank, killed after its first checkpoint, resumed."""
     out = tmp_path / "run"
