@@ -180,7 +180,7 @@ for path, train in ((embedded.STUDENT_DIR, True), (embedded.TEACHER_DIR, False))
     if train:
         out[0].backward()
     assert len(calls) == (2 if train else 1), (path, len(calls))
-print("rank", rank, "ok")
+print(f"rank {{rank}} ok", flush=True)  # one write: the two ranks share the pipe
 """)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(29900 + os.getpid() % 90), str(script)], cwd=ROOT, capture_output=True, text=True,
