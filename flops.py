@@ -140,6 +140,8 @@ def from_metrics(path, student=None, teacher=None):
         raise FileNotFoundError(f"{path} not found: pass the metrics.jsonl that opd.py wrote")
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
+    if all("step" in r for r in recs):  # a resumed run redid the steps after its checkpoint: keep the last of each
+        recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])
     run_file = os.path.join(os.path.dirname(path), "run.json")
     run = {}
     if os.path.isfile(run_file):

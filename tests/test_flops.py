@@ -131,6 +131,12 @@ def test_from_metrics_recomputes_or_falls_back(tmp_path):
     r = cli("--from-metrics", str(tmp_path / "metrics.jsonl"), "--student", "Qwen3-1.7B", "--teacher", "Qwen3-8B")
     total = sum(flops.opd_flops(s, t, x) for x in steps)
     assert r.returncode == 0 and f"total: {total:.3e} FLOPs over 2 steps" in r.stdout, r.stdout + r.stderr
+    # a resumed run appends step 1 again (redone after the last checkpoint): it counts once, as the redone one
+    redo = dict(recs[1], flops=5.0)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + [redo]))
+    (tmp_path / "run.json").unlink()
+    rows, _ = flops.from_metrics(tmp_path / "metrics.jsonl")
+    assert [r[3] for r in rows] == [1.0, 5.0]
 
 
 def test_cli_plan_and_paper():

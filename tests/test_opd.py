@@ -57,6 +57,17 @@ def test_step_prompts_are_deterministic_and_cover_each_epoch():
     assert opd.step_prompts(n, 0, b, seed=4) != opd.step_prompts(n, 0, b, seed=3)
 
 
+def test_every_rollout_of_a_run_has_its_own_seed():
+    # vLLM seeds sample j of a prompt with seed + j, so the prompts of a rank step by `samples`; equal seeds = equal noise
+    c = cfg(batch_size=512, samples=4)
+    world, per_rank = 8, 512 // 8
+    seeds = [opd.sampling_seed(c, step, rank * per_rank * c.samples) + i * c.samples + j
+             for step in range(3) for rank in range(world) for i in range(per_rank) for j in range(c.samples)]
+    evals = [opd.sampling_seed(c, 10**7 + k, first) + i for k in range(3) for first in (0, 25) for i in range(25)]
+    assert len(set(seeds)) == len(seeds) == 3 * 512 * 4 and len(set(evals)) == len(evals)
+    assert not set(seeds) & set(evals) and max(seeds + evals) < 2**63
+
+
 def test_question_fields(tmp_path):
     assert opd.question_of({"question": "q"}, "x") == "q"
     assert opd.question_of({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "h"}]},
@@ -108,6 +119,7 @@ def bad_inputs(tmp_path):
         (["--prefix-start", "0"], "--prefix-start must be >= 1"),
         (["--window", "5:3"], "--window must be A:B"),
         (["--window", "1:3", "--tail", "4"], "pick at most one"),
+        (["--window", "64:128", "--max-new-tokens", "64"], "no token would be trained"),
         (["--sampler", "sglang"], "--sampler must be vllm or hf"),
         (good + ["--eval-n", "5"], "--eval-n needs --heldout"),
         (["--student", str(embedded.STUDENT_DIR)], "go together"),
@@ -132,9 +144,9 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
         assert not out.exists(), argv
 
 
-def torchrun(args, out, env_extra=None, **kw):
+def torchrun(args, out, env_extra=None, nproc=2, **kw):
     env = dict(os.environ, VLLM_CACHE_ROOT=str(out.parent / "vllm-cache"), OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29600 + os.getpid() % 300), str(ROOT / "opd.py"), "--out", str(out)] + args
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
@@ -180,6 +192,20 @@ for path, train in ((embedded.STUDENT_DIR, True), (embedded.TEACHER_DIR, False))
     if train:
         out[0].backward()
     assert len(calls) == (2 if train else 1), (path, len(calls))
+# bf16 mixed precision (the GPU policy, on gloo here): the loss gets the fp32 sampler/teacher logprobs as they are,
+# and the teacher's root (embedding, LM head) is sharded again after its forward, which has no backward to do it
+from torch.distributed.tensor import DTensor
+for path, train in ((embedded.STUDENT_DIR, True), (embedded.TEACHER_DIR, False)):
+    model = opd.load_model(path, device, train, mixed_precision=True)
+    seen = {{}}
+    def spy(h, w, y, ls):
+        seen.update(h=h.dtype, w=w.dtype, ls=ls.dtype, exact=bool((ls == -23.456789).all()))
+        return (h @ w.t()).float().sum(), None
+    with torch.set_grad_enabled(train):
+        model(torch.tensor([[1, 2, 3, 4]]), torch.tensor([0, 0]), torch.tensor([1, 2]), spy,
+              torch.full((2,), -23.456789))
+    assert seen == dict(h=torch.bfloat16, w=torch.bfloat16, ls=torch.float32, exact=True), seen
+    assert train or isinstance(model.hf.lm_head.weight, DTensor), type(model.hf.lm_head.weight)
 print(f"rank {{rank}} ok", flush=True)  # one write: the two ranks share the pipe
 """)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -189,7 +215,8 @@ print(f"rank {{rank}} ok", flush=True)  # one write: the two ranks share the pip
 
 
 def test_two_ranks_vllm_kill_and_resume(tmp_path):
-    """A real run: FSDP2 over 2 gloo ranks, a vLLM-CPU engine per rank, killed after its first checkpoint, resumed."""
+    """A real run: FSDP2 over 2 gloo ranks, a vLLM-CPU engine per rank, killed after its first checkpoint, resumed on
+    one rank (DCP reshards weights and optimizer state)."""
     out = tmp_path / "run"
     args = ["--steps", "3", "--batch-size", "4", "--samples", "2", "--prefix-start", "3", "--delta", "5",
             "--lr", "3e-3", "--save-every", "1", "--sampler", "vllm", "--impl", "torch"]
@@ -205,12 +232,15 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path):
     before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in before][:saved] == list(range(saved))
 
-    second = torchrun(args + ["--resume"], out)
+    second = torchrun(args + ["--resume"], out, nproc=1)
     log, _ = second.communicate(timeout=500)
     assert second.returncode == 0, log
     assert "Traceback" not in log, log  # also none at exit (vLLM's shutdown runs before the process group goes)
     c = opd.Config(prefix_start=3, delta=5, max_new_tokens=16384)
     assert f"resumed from {done}: step {saved}, L_train {opd.schedule(c, saved)}" in log
+    assert "written by 2 ranks, resumed on 1" in log
+    # the held-out numbers from before training survive the kill: written right after they were measured
+    assert set(json.loads((out / "heldout.json").read_text())) == {"teacher", "student_before", "student_after"}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r["step"] >= saved][-(3 - saved):]
     assert [r["step"] for r in resumed] == list(range(saved, 3))
