@@ -291,15 +291,15 @@ def load_model(path, device, train: bool, mixed_precision: bool | None = None):
     cuda, rank0 = device.type == "cuda", dist.get_rank() == 0
     # Master weights in fp32 for the student; the frozen teacher needs only its compute copy.
     dtype = torch.float32 if train or not cuda else torch.bfloat16
+    config = AutoConfig.from_pretrained(path)
+    saved = config.dtype  # checkpoints keep the dtype the model shipped in (read before from_config can touch it)
     if rank0:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     else:
         with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
-                                                  attn_implementation="sdpa")
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     full = hf.state_dict() if rank0 else {}  # rank 0's CPU tensors, alive past sharding
     buffers = {k: b.clone() for k, b in hf.named_buffers()}  # e.g. rotary inv_freq (not in the state dict)
-    saved = AutoConfig.from_pretrained(path).dtype  # checkpoints keep the dtype the model shipped in
     hf.config.dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
     hf.config.use_cache = False
     if train:  # long rollouts: recompute each layer's activations in backward rather than keep them. HF does that
