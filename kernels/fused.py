@@ -53,7 +53,9 @@ its backward recomputes x per chunk (4 GEMMs in all) and writes, with E = sum_v 
     dx_v = (1/T) * (g_logp (1[v = y] - p_v) - g_ent p_v (z_v - E))      (d ent / d z_v = -p_v (z_v - E))
 
 The kernels work in base 2 (exp2/log2), which is what the hardware computes. Under
-TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); they use no tl.dot.
+TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); they use no tl.dot. What they compile to
+on a GPU (registers, spills, instructions and bytes per load/store in the hot loop) is read on any
+machine with `python -m kernels.sass` (a test checks it).
 """
 import math
 import os
@@ -166,7 +168,7 @@ def _fwd_kernel(
     else:
         c = u_y
     # One pass: per lane s = sum 2^(u - c), a = sum 2^(u - c) (u - c), running max; with FUSED_GRAD each
-    # block's e = 2^(u - c) replaces x (all but column y, which gets its own value below).
+    # block's e = 2^(u - c) replaces x (column y gets its own value after the loop).
     cols = tl.arange(0, BLOCK)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     a = tl.zeros([BLOCK], dtype=tl.float32)
@@ -182,8 +184,8 @@ def _fwd_kernel(
         s += e
         a += e * tl.where(inb, d, 0.0)
         mx = tl.maximum(mx, u)
-        if FUSED_GRAD:
-            tl.store(x_row + col, e.to(x_row.dtype.element_ty), mask=inb & (col != y))
+        if FUSED_GRAD:  # column y too (fixed below): a `col != y` mask would make every store 2 bytes wide
+            tl.store(x_row + col, e.to(x_row.dtype.element_ty), mask=inb)
     S = tl.sum(s, 0)
     bad = tl.max(mx, 0) - c > LIMIT
     e16 = tl.exp2(u_y16 - c)
@@ -195,6 +197,7 @@ def _fwd_kernel(
     tl.store(lse2_ptr + row, c + tl.log2(S))
     tl.store(bad_ptr + row, bad.to(tl.float32))
     if FUSED_GRAD:
+        tl.debug_barrier()  # the loop's store to x[y] (another thread's) lands before the one below
         ls = tl.load(ls_ptr + row)
         lt = tl.load(lt_ptr + row)
         w = tl.load(m_ptr + row)

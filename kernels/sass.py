@@ -1,0 +1,149 @@
+"""What the row kernels compile to on an NVIDIA GPU, read without one.
+
+    python -m kernels.sass              # sm_90 (H100 / H200): one line per kernel variant and launch config
+    python -m kernels.sass --arch 80    # A100
+    python -m kernels.sass --check      # exit 1 unless every variant compiles without spills and every bf16
+                                        # hot loop moves 16 bytes per load / store instruction (a test runs this)
+
+Triton compiles a kernel for any target without a device (its wheel ships ptxas and cuobjdump). The
+arguments are specialised the way the JIT specialises a real launch (16-aligned pointers, V = 151936,
+unit strides), so the SASS is what a GPU would run, up to the Triton version installed here.
+
+Why look: the row programs are memory bound only if their hot loop is lean. A logit costs 4 bytes of HBM
+traffic in the fused-gradient pass (bf16 in, bf16 out): 0.84e12 logits/s at an H100's 3.35 TB/s,
+1.2e12 at an H200's 4.8 TB/s. The SMs issue ~33e12 thread-instructions/s (132 SMs x 4 x 32 lanes x
+~1.98 GHz), so the loop has a budget of ~40 (H100) / ~28 (H200) instructions per logit, and a 2-byte
+store per logit (8 store instructions where one 16-byte store does) eats it. That happened once: a
+`col != y` store mask made every store scalar, at 17 instructions per logit; without it, 9.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+import torch
+
+V = 151936  # Qwen3's vocabulary: divisible by 16, so its row stride keeps 16-byte alignment
+H = 4096
+
+
+def _variants():
+    """(name, kernel, dtype, positional args, constexpr kwargs) for each way _head_pass / backward launch."""
+    from . import fused
+
+    def fwd(dt, **kw):
+        x = torch.empty(8, dtype=dt)  # only dtype and alignment matter to the compiler
+        f = torch.empty(8)
+        y = torch.empty(8, dtype=torch.long)
+        args = (x, V, y, f, f, f, f, f, f, f, f, f, x, H, 1, x, H, 1, H, V, 1.4427, 1.0, 0.5)
+        return fused._fwd_kernel, dt, args, dict(EXACT_Y=torch.finfo(dt).bits == 16, BLOCK_H=1024, **kw)
+
+    def bwd(dt, **kw):
+        x, f, y = torch.empty(8, dtype=dt), torch.empty(8), torch.empty(8, dtype=torch.long)
+        return fused._bwd_kernel, dt, (x, V, y, f, f, f, f, V, 1.4427, 1.0), kw
+
+    return [
+        ("opd_loss grad", *fwd(torch.bfloat16, FUSED_GRAD=True, GIVEN_C=False)),
+        ("forward only", *fwd(torch.bfloat16, FUSED_GRAD=False, GIVEN_C=False)),
+        ("opd_loss redo", *fwd(torch.bfloat16, FUSED_GRAD=True, GIVEN_C=True)),
+        ("opd_loss grad", *fwd(torch.float16, FUSED_GRAD=True, GIVEN_C=True)),
+        ("opd_loss grad", *fwd(torch.float32, FUSED_GRAD=True, GIVEN_C=False)),
+        ("logprobs bwd", *bwd(torch.bfloat16, HAS_ENT=False)),
+        ("logprobs+ent bwd", *bwd(torch.bfloat16, HAS_ENT=True)),
+    ]
+
+
+def compile_sass(autotuner, cfg, args, kw, arch):
+    """SASS and resource usage of autotuner's kernel for one launch config, compiled for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    fn = autotuner.fn
+    kw = dict(kw, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # the JIT's own binder: the same specialisation (divisibility by 16, unit strides as constants) as a launch
+    bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, options)
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        tool = triton.knobs.nvidia.cuobjdump.path
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", res).group(1))  # spills land in local memory
+    return sass, regs, local
+
+
+def hot_loop(sass):
+    """Opcodes of the innermost loop that calls exp2 (a backward branch around MUFU.EX2)."""
+    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)]
+    targets = {int(a, 16): int(t, 16) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+0x([0-9a-f]+)", sass)}
+    loops = [[op for a, op in ins if t <= a <= src] for src, t in targets.items() if t < src]
+    loops = [body for body in loops if any(op.startswith("MUFU.EX2") for op in body)]
+    return min(loops, key=len) if loops else []
+
+
+def loop_stats(sass, per_thread):
+    """Instructions per element and bytes per global load / store instruction in the hot loop
+    (per_thread: elements each thread handles per trip)."""
+    body = hot_loop(sass)
+    nbytes = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+    ld = [nbytes.get(op.split(".")[-1], 4) for op in body if op.startswith("LDG")]
+    st = [nbytes.get(op.split(".")[-1], 4) for op in body if op.startswith("STG")]
+    return dict(instr=len(body) / per_thread, ld=sum(ld) / len(ld) if ld else 0, st=sum(st) / len(st) if st else 0,
+                mem=dict(Counter(op for op in body if op.startswith(("LDG", "STG")))), found=bool(body))
+
+
+BUDGET = 20  # instructions per logit in a bf16 hot loop: an H200 issues ~28 per logit at its HBM rate (docstring)
+
+
+def report(arch=90, check=False):
+    from . import fused
+    if fused.INTERPRET:
+        sys.exit("kernels.sass compiles for the GPU: unset TRITON_INTERPRET and run it again")
+    print(f"row kernels compiled for sm_{arch}, V={V}; hot loop, per logit: instructions (SASS in the loop body / "
+          f"logits per thread per trip), bytes per load / store instruction")
+    print(f"{'variant':<18} {'dtype':<9} {'BLOCK':>5} {'warps':>5} {'regs':>4} {'spill':>5} {'instr':>6} "
+          f"{'ld B':>4} {'st B':>4}  loop loads / stores")
+    bad = []
+    for name, kernel, dt, args, kw in _variants():
+        for cfg in kernel.configs:
+            sass, regs, local = compile_sass(kernel, cfg, args, kw, arch)
+            st = loop_stats(sass, cfg.kwargs["BLOCK"] // (32 * cfg.num_warps))
+            print(f"{name:<18} {str(dt)[6:]:<9} {cfg.kwargs['BLOCK']:>5} {cfg.num_warps:>5} {regs:>4} {local:>5} "
+                  f"{st['instr']:>6.1f} {st['ld']:>4.0f} {st['st']:>4.0f}  {st['mem']}")
+            what = f"{name} {str(dt)[6:]} BLOCK={cfg.kwargs['BLOCK']} warps={cfg.num_warps}"
+            if not st["found"]:
+                bad.append(f"{what}: no hot loop found in the SASS")
+            if local:
+                bad.append(f"{what}: {local} bytes of spills")
+            if dt == torch.bfloat16 and (st["ld"] != 16 or st["st"] not in (0, 16) or st["instr"] > BUDGET):
+                bad.append(f"{what}: {st['instr']:.1f} instructions per logit (budget {BUDGET}), loads {st['ld']:.0f} B, "
+                           f"stores {st['st']:.0f} B per instruction (want 16)")
+    for b in bad:
+        print("FAIL", b)
+    if check and bad:
+        sys.exit(1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100/H200)")
+    p.add_argument("--check", action="store_true", help="exit 1 on spills or narrow bf16 loads/stores")
+    a = p.parse_args()
+    if a.arch < 75:
+        p.error(f"--arch {a.arch}: Triton's NVIDIA backend needs sm_75 or newer")
+    report(a.arch, a.check)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+    main()
