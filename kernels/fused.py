@@ -11,13 +11,15 @@ h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x l
 
 Why a fixed shift works: 2^(u - c) is stored in the input dtype, and bf16 / fp32 hold 2^-126..2^127
 at full relative precision. With c = u_y, S >= 1 (the target's own term) and every term that is
-lost to underflow has p < 2^-126; nothing overflows while max_v u_v - c <= 96 bits, i.e. unless
-the target sits 96 bits (66 nats) below the row's max (logp < ~-66). The program checks that on the
-way (a per-lane max, no cross-lane reduction inside the loop) and flags such rows; they are redone
-after the loop with c = their exact max (one more GEMM for just those rows). log2 S = -logp / ln2
-is small for likely targets, so logp keeps fp32's relative precision (a shift far from the lse,
-e.g. u_y + 64, would cost ~64 * 2^-24 absolute). fp16 has no such range, so for fp16 c is always
-the row max (one extra read of x).
+lost to underflow has p < 2^-126. Large terms are the risk, so a row whose S passes 2^96 is flagged:
+S >= 2^(max_v u_v - c), so that is every row whose target sits > 96 bits = 66 nats below the row's
+max, and no row closer than 96 - log2 V bits = 55 nats at V = 151936. Overflow to inf is flagged
+too, and below 2^96 the entropy sum A <= 96 S stays finite. Flagged rows are redone after the loop
+with c = their exact max (one more GEMM for just those rows). Testing S costs nothing in the loop,
+where a running max would cost an instruction and a register per logit. log2 S = -logp / ln2 is
+small for likely targets, so logp keeps fp32's relative precision (a shift far from the lse, e.g.
+u_y + 64, would cost ~64 * 2^-24 absolute). fp16 has no such range, so for fp16 c is always the row
+max (one extra read of x).
 
 bf16/fp16 logits: x is rounded to 2^-9 of its size, so z_y (size ~|z|) is off by up to ~|z| 2^-9,
 and logp with it. Every method that keeps 16-bit logits (naive torch, Liger) has this error in logp;
@@ -107,12 +109,12 @@ def _configs():
     that tests cover several column steps (and autotune cannot run several configs there)."""
     if INTERPRET:
         return [triton.Config({"BLOCK": 256}, num_warps=1)]
-    # three fp32 accumulators per lane (sum, entropy sum, max) + a prefetched block: wider blocks want more warps
+    # two fp32 accumulators per lane (sum, entropy sum) + a prefetched block: wider blocks want more warps
     return [triton.Config({"BLOCK": b}, num_warps=w)
             for b, w in ((2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 16))]
 
 
-LIMIT = tl.constexpr(96.0)  # bits: a row whose max u exceeds c + LIMIT is redone with c = its max (see above)
+LIMIT = tl.constexpr(96.0)  # bits: a row whose S = sum 2^(u - c) passes 2^LIMIT is redone with c = its max
 
 
 # restore_value: autotuning reruns the kernel, and it overwrites x in place.
@@ -127,7 +129,7 @@ def _fwd_kernel(
     ent_ptr,  # [C] fp32 out: entropy (nats)
     lse2_ptr,  # [C] fp32 out: log2 sum_v 2^u (saved for token_logprobs' backward)
     alpha_ptr,  # [C] fp32 out: dx = alpha * x_new, row by row (written only when FUSED_GRAD)
-    bad_ptr,  # [C] fp32 out: 1 where the row's max passed c + LIMIT (its outputs are void; redo it)
+    bad_ptr,  # [C] fp32 out: 1 where S passed 2^LIMIT (its outputs are void; redo it)
     ls_ptr,  # [C] fp32 sampler log-probs          (read only when FUSED_GRAD)
     lt_ptr,  # [C] fp32 teacher log-probs          (read only when FUSED_GRAD)
     m_ptr,  # [C] fp32 mask weights, all nonzero  (read only when FUSED_GRAD)
@@ -167,12 +169,11 @@ def _fwd_kernel(
         c = tl.load(c_ptr + row)
     else:
         c = u_y
-    # One pass: per lane s = sum 2^(u - c), a = sum 2^(u - c) (u - c), running max; with FUSED_GRAD each
+    # One pass: per lane s = sum 2^(u - c), a = sum 2^(u - c) (u - c); with FUSED_GRAD each
     # block's e = 2^(u - c) replaces x (column y gets its own value after the loop).
     cols = tl.arange(0, BLOCK)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     a = tl.zeros([BLOCK], dtype=tl.float32)
-    mx = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
     x_next = tl.load(x_row + cols, mask=cols < V, other=-float("inf"))
     for off in range(0, V, BLOCK):
         col = off + cols
@@ -183,11 +184,10 @@ def _fwd_kernel(
         e = tl.exp2(d)  # 0 on padded lanes
         s += e
         a += e * tl.where(inb, d, 0.0)
-        mx = tl.maximum(mx, u)
         if FUSED_GRAD:  # column y too (fixed below): a `col != y` mask would make every store 2 bytes wide
             tl.store(x_row + col, e.to(x_row.dtype.element_ty), mask=inb)
     S = tl.sum(s, 0)
-    bad = tl.max(mx, 0) - c > LIMIT
+    bad = tl.log2(S) > LIMIT  # inf too
     e16 = tl.exp2(u_y16 - c)
     S_y = (S - e16) + tl.exp2(u_y - c)  # the sum with the target's exact logit swapped in
     logp = tl.minimum(((u_y - c) - tl.log2(S_y)) * 0.6931471805599453, 0.0)

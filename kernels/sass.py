@@ -14,7 +14,7 @@ traffic in the fused-gradient pass (bf16 in, bf16 out): 0.84e12 logits/s at an H
 1.2e12 at an H200's 4.8 TB/s. The SMs issue ~33e12 thread-instructions/s (132 SMs x 4 x 32 lanes x
 ~1.98 GHz), so the loop has a budget of ~40 (H100) / ~28 (H200) instructions per logit, and a 2-byte
 store per logit (8 store instructions where one 16-byte store does) eats it. That happened once: a
-`col != y` store mask made every store scalar, at 17 instructions per logit; without it, 9.
+`col != y` store mask made every store scalar, at 17 instructions per logit; without it, 11.
 """
 import argparse
 import os
@@ -102,6 +102,12 @@ def loop_stats(sass, per_thread):
                 mem=dict(Counter(op for op in body if op.startswith(("LDG", "STG")))), found=bool(body))
 
 
+def resident(regs, warps):
+    """Programs resident per SM on sm_80 / sm_90: 64K registers (allocated per warp in 256s), <= 64 warps."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(0, min(65536 // (per_warp * warps), 64 // warps, 32))
+
+
 BUDGET = 20  # instructions per logit in a bf16 hot loop: an H200 issues ~28 per logit at its HBM rate (docstring)
 
 
@@ -111,15 +117,19 @@ def report(arch=90, check=False):
         sys.exit("kernels.sass compiles for the GPU: unset TRITON_INTERPRET and run it again")
     print(f"row kernels compiled for sm_{arch}, V={V}; hot loop, per logit: instructions (SASS in the loop body / "
           f"logits per thread per trip), bytes per load / store instruction")
-    print(f"{'variant':<18} {'dtype':<9} {'BLOCK':>5} {'warps':>5} {'regs':>4} {'spill':>5} {'instr':>6} "
-          f"{'ld B':>4} {'st B':>4}  loop loads / stores")
+    print("(progs/SM: resident programs per SM by registers; KB/SM: the prefetched blocks in flight per SM, which\n"
+          " must cover bandwidth x latency, ~25 KB on an H200 at ~0.7 us)")
+    print(f"{'variant':<18} {'dtype':<9} {'BLOCK':>5} {'warps':>5} {'regs':>4} {'spill':>5} {'progs/SM':>8} "
+          f"{'KB/SM':>5} {'instr':>6} {'ld B':>4} {'st B':>4}  loop loads / stores")
     bad = []
     for name, kernel, dt, args, kw in _variants():
         for cfg in kernel.configs:
             sass, regs, local = compile_sass(kernel, cfg, args, kw, arch)
             st = loop_stats(sass, cfg.kwargs["BLOCK"] // (32 * cfg.num_warps))
+            progs = resident(regs, cfg.num_warps)
+            kb = progs * cfg.kwargs["BLOCK"] * dt.itemsize / 1024
             print(f"{name:<18} {str(dt)[6:]:<9} {cfg.kwargs['BLOCK']:>5} {cfg.num_warps:>5} {regs:>4} {local:>5} "
-                  f"{st['instr']:>6.1f} {st['ld']:>4.0f} {st['st']:>4.0f}  {st['mem']}")
+                  f"{progs:>8} {kb:>5.0f} {st['instr']:>6.1f} {st['ld']:>4.0f} {st['st']:>4.0f}  {st['mem']}")
             what = f"{name} {str(dt)[6:]} BLOCK={cfg.kwargs['BLOCK']} warps={cfg.num_warps}"
             if not st["found"]:
                 bad.append(f"{what}: no hot loop found in the SASS")

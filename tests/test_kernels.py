@@ -240,8 +240,8 @@ def test_extreme_logits(dtype):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter says so for the rows redone
 @pytest.mark.parametrize("dtype", [BF16, FP32])
 def test_opd_loss_far_targets_are_redone(dtype):
-    """Targets 111+ nats below their row's max overflow the kernel's fixed shift c = u_y + 64 bits:
-    those rows must be flagged, redone with c = the row max, and land exactly where the rest would."""
+    """Targets ~300 nats below their row's max overflow the kernel's fixed shift c = u_y (the target's
+    logit): those rows must be flagged, redone with c = the row max, and land exactly where the rest would."""
     N, V, H = 24, 1007, 64
     h, w, y = make(N, V, H, dtype, logit_std=60.0, seed=6)
     z = h.double() @ w.double().t()
@@ -266,6 +266,35 @@ def test_opd_loss_far_targets_are_redone(dtype):
         assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
     # the loss is its own logp's (whose error is checked above; one scalar of a few rows is too noisy to compare)
     assert loss.item() == pytest.approx((torch.exp(st["logp"] - ls) * (ls - lt)).sum().item() / N, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_opd_loss_across_the_redo_threshold(dtype):
+    """Targets 0..120 nats below the row max, across the band (55-66 nats at this V: S passes 2^96) where
+    rows switch from the shift c = u_y to a redo with c = the row max: logp, dh and dW stay right on both
+    sides. W = identity makes the kernel's logits exactly h, so what is left is the kernel's own error."""
+    V = 96
+    gaps = torch.tensor([0, 10, 40, 54, 56, 58, 60, 62, 64, 66, 67, 70, 80, 100, 120.0])
+    N = len(gaps)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(N, V, generator=g) * 2
+    y = torch.randint(0, V, (N,), generator=g)
+    z[torch.arange(N), y] = z.max(1).values - gaps + 1  # target `gap` nats below the row's new max ...
+    z[torch.arange(N), (y + 1) % V] = z.max(1).values + 1  # ... which sits right beside it
+    h, w = z.to(DEV, dtype), torch.eye(V, device=DEV, dtype=dtype)
+    y = y.to(DEV)
+    with torch.no_grad():
+        lp64 = ref.token_logprobs_ref(h.double(), w.double(), y)[0]
+    ls = lp64.float() + 0.01 * torch.randn(N, device=DEV)
+    lt = ls - torch.rand(N, device=DEV)
+    args = (y, ls, lt, torch.ones(N, device=DEV), 1 / N)
+    (_, *_), dh, dw = run(lambda a, b: fused.opd_loss_triton(a, b, *args, chunk_rows=4)[0], h, w, upstream=[1.0])
+    (_,), dh64, dw64 = run(lambda a, b: ref.opd_loss_ref(a, b, *args)[0], h.double(), w.double(), upstream=[1.0])
+    lp = fused.opd_loss_triton(h, w, *args)[1]["logp"]
+    assert torch.allclose(lp.double(), lp64, rtol=1e-6, atol=1e-4), (lp - lp64).abs().max()
+    for mine, truth in ((dh, dh64), (dw, dw64)):
+        assert torch.isfinite(mine).all() and rel(mine, truth) < (1e-2 if dtype == BF16 else 1e-5), rel(mine, truth)
 
 
 def test_fp16_uses_the_row_max():
