@@ -50,7 +50,7 @@ class Config:
     samples: int = _f(4, "rollouts per prompt")
     lr: float = _f(5e-5, "AdamW learning rate (constant)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
     prefix_start: int = _f(1, "L_train at step 0 (tokens)")
     delta: int = _f(256, "L_train grows by this after every update; 0 = fixed prefix")
     max_new_tokens: int = _f(16384, "cap on rollout length (and on L_train)")
@@ -83,9 +83,14 @@ STALE_GAP = 0.1
 
 
 def parse_args(argv=None) -> Config:
+    # allow_abbrev=False: `--prefix 1024` (flops.py's fixed prefix) must not quietly mean --prefix-start 1024
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                argument_default=argparse.SUPPRESS, epilog="With no --student/--teacher/--data: the "
-                                "embedded default, which also sets " + ", ".join(f"{k}={v}" for k, v in EMBEDDED.items()))
+                                allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                                epilog="With no --student/--teacher/--data: the embedded default, which also sets "
+                                + ", ".join(f"{k}={v}" for k, v in EMBEDDED.items()))
+    # one line, from one rank (parse errors come before torch.distributed is up)
+    p.error = lambda msg: (os.environ.get("RANK", "0") == "0" and print(f"opd.py: error: {msg} (see --help)",
+                                                                         file=sys.stderr), sys.exit(2))
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
@@ -107,10 +112,12 @@ class UsageError(Exception):
     """A bad flag or input: reported as one line, before anything is written."""
 
 
+def need(ok, msg):
+    if not ok:
+        raise UsageError(msg)
+
+
 def check_config(cfg: Config):
-    def need(ok, msg):
-        if not ok:
-            raise UsageError(msg)
     need(cfg.student and cfg.teacher and cfg.data,
          "--student, --teacher and --data go together: give all three (or none for the embedded default)")
     need(cfg.prefix_start >= 1, f"--prefix-start must be >= 1 (got {cfg.prefix_start})")
@@ -118,8 +125,13 @@ def check_config(cfg: Config):
     need(cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
     for name in ("steps", "batch_size", "samples", "micro_batch_tokens", "kl_bin"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
-    need(cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})")
+    need(0 < cfg.lr < math.inf, f"--lr must be > 0 and finite (got {cfg.lr})")
+    need(cfg.save_every >= 0, f"--save-every must be >= 0 (got {cfg.save_every}); 0 saves only at the end")
+    need(cfg.eval_n >= 0, f"--eval-n must be >= 0 (got {cfg.eval_n})")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (got {cfg.grad_clip}); 0 turns clipping off")
     need(cfg.tail >= 0, f"--tail must be >= 0 (got {cfg.tail})")
+    # sampling_seed() must stay below 2^63 (vLLM and torch seed generators take a signed 64-bit integer)
+    need(0 <= cfg.seed < 500_000, f"--seed must be in [0, 500000) (got {cfg.seed})")
     need(sum([cfg.full, cfg.window is not None, cfg.tail > 0]) <= 1,
          "--full, --window and --tail are different runs: pick at most one")
     if cfg.window is not None:
@@ -192,7 +204,7 @@ def read_rows(path) -> list[dict]:
             raise UsageError(f"{path}: not a readable parquet file ({e})") from None
     if path.suffix == ".csv":
         import csv
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a byte-order mark
             return list(csv.DictReader(f))
     if path.suffix not in (".jsonl", ".json"):
         raise UsageError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
@@ -216,12 +228,15 @@ def read_rows(path) -> list[dict]:
 
 
 def question_of(row: dict, where: str) -> str:
+    if not isinstance(row, dict):
+        raise UsageError(f"{where}: expected a JSON object (one per question), got {type(row).__name__}")
     for key in ("prompt", "question", "problem", "Problem"):
         if isinstance(row.get(key), str):
             return row[key]
     for key in ("conversations", "messages"):  # OpenThoughts3 style: the first user turn
         for turn in row.get(key) or []:
-            if turn.get("from", turn.get("role")) in ("human", "user"):
+            if isinstance(turn, dict) and turn.get("from", turn.get("role")) in ("human", "user") and \
+                    isinstance(turn.get("value", turn.get("content")), str):
                 return turn.get("value", turn.get("content"))
     raise UsageError(f"{where}: no prompt/question/problem field and no user turn in conversations/messages")
 
@@ -255,6 +270,19 @@ def load_tokenizers(cfg: Config):
         raise UsageError(f"student {cfg.student} and teacher {cfg.teacher} have different chat templates; "
                          "copy the teacher's chat_template into the student's tokenizer_config.json")
     return tok
+
+
+def model_shapes(name) -> "flops.ModelConfig":
+    """The shapes for the FLOP accounting: flops.py's built-in Qwen3 names and local directories, else the hub id's
+    config.json (from the hub cache, as transformers and vLLM resolve it)."""
+    if os.path.isdir(name) or name.removeprefix("Qwen/") in flops.MODELS:
+        return flops.load_config(name)
+    from transformers.utils import cached_file
+    try:
+        return flops.load_config(cached_file(name, "config.json"))
+    except OSError as e:  # transformers' message spans lines: keep the first
+        raise UsageError(f"{name}: not a local model directory, and its hub config.json is not reachable "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def stop_ids(tok) -> list[int]:
@@ -632,6 +660,32 @@ def latest_checkpoint(out) -> Path | None:
     return steps[-1].parent.parent if steps else None
 
 
+def checkpoint_to_resume(cfg) -> Path | None:
+    """The checkpoint --resume continues from (None: a new run), refusing what would mix two runs in one --out."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    ckpt = latest_checkpoint(out)
+    if not cfg.resume:
+        if ckpt:
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if (out / "metrics.jsonl").exists():
+            raise UsageError(f"{out} holds metrics.jsonl of a run that never checkpointed; delete it or choose "
+                             "another --out")
+        return None
+    if ckpt is None:
+        raise UsageError(f"--resume: no checkpoint in {out}; drop --resume to start a new run")
+    done = json.loads((ckpt / "trainer" / "state.json").read_text())["step"]
+    if cfg.steps < done:
+        raise UsageError(f"--resume: {ckpt} is at step {done}, past --steps {cfg.steps}; raise --steps")
+    old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    for k in ("batch_size", "samples", "seed", "prefix_start", "delta", "max_new_tokens", "full", "window", "tail"):
+        if k in old and old[k] != getattr(cfg, k):  # the same run: same schedule, batches and seeds
+            raise UsageError(f"--resume: {out / 'run.json'} has {k}={old[k]!r}, this command {getattr(cfg, k)!r}; "
+                             "a resumed run keeps its schedule, batches and seeds (or start a new --out)")
+    return ckpt
+
+
 def load_checkpoint(path, model, optimizer):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -725,12 +779,11 @@ def main(argv=None):
         questions = load_questions(cfg.data)
         tok = load_tokenizers(cfg)
         heldout = read_rows(cfg.heldout)[:cfg.eval_n] if cfg.eval_n else []
-        ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
-        if cfg.resume and ckpt is None:
-            raise UsageError(f"--resume: no checkpoint in {cfg.out}; drop --resume to start a new run")
-        if not cfg.resume and latest_checkpoint(cfg.out):
-            raise UsageError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
-        s_cfg, t_cfg = flops.load_config(cfg.student), flops.load_config(cfg.teacher)
+        for i, r in enumerate(heldout, 1):
+            need(isinstance(r, dict) and isinstance(r.get("question"), str) and r.get("answer") is not None,
+                 f"{cfg.heldout} row {i}: --heldout needs a question (text) and an answer per row")
+        ckpt = checkpoint_to_resume(cfg)
+        s_cfg, t_cfg = model_shapes(cfg.student), model_shapes(cfg.teacher)
         import kernels
         impl = cfg.impl if cfg.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
         if impl == "triton" and not kernels.triton_usable(torch.empty(0, device=device)):
@@ -765,6 +818,10 @@ def main(argv=None):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), world_size=world), indent=1))
+        if start and (out / "metrics.jsonl").exists():  # steps after the checkpoint are redone: drop their records
+            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] < start]
+            (out / "metrics.jsonl").write_text("".join(kept))
 
     def sync_sampler():  # the sampler must sample from the weights being trained (on-policy)
         sampler.load_weights(full_weights(student, torch.bfloat16 if device.type == "cuda" else torch.float32))
@@ -800,7 +857,7 @@ def main(argv=None):
         n_micro = int(all_reduce([n_local], device, dist.ReduceOp.MAX)[0])
         stats, t_teacher, t_student = train_step(cfg, student, teacher, kern, [s for s, _ in seqs_kept],
                                                  [lp for _, lp in seqs_kept], scale, pad_id, device, n_micro)
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         loss = all_reduce([sum((s["mask"] * s["ratio"] * s["kl"]).sum().item() for s in stats)], device)[0]
         loss /= cfg.batch_size * cfg.samples

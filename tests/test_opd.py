@@ -1,7 +1,9 @@
 """opd.py: the schedule, the trained window, batching, bad inputs, and a real 2-rank run (FSDP2 on gloo + vLLM on CPU)
 that is killed and resumed."""
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,6 +104,10 @@ def bad_inputs(tmp_path):
     bad_json.write_text('{"question": "1+1"}\n{oops\n')
     no_q = tmp_path / "noq.jsonl"
     no_q.write_text('{"text": "1+1"}\n')
+    not_obj = tmp_path / "strings.jsonl"
+    not_obj.write_text('"1+1"\n')
+    bad_heldout = tmp_path / "heldout.jsonl"
+    bad_heldout.write_text('{"problem": "1+1", "answer": "2"}\n')
     other_tok = tmp_path / "teacher"  # the teacher with another chat template
     other_tok.mkdir()
     for f in embedded.TEACHER_DIR.iterdir():
@@ -129,6 +135,14 @@ def bad_inputs(tmp_path):
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(other_tok), "--data", str(embedded.TRAIN_FILE)],
          "different chat templates"),
         (good + ["--resume"], "no checkpoint in"),
+        (models + ["--data", str(not_obj)], "expected a JSON object"),
+        (good + ["--heldout", str(bad_heldout), "--eval-n", "1"], "row 1: --heldout needs a question"),
+        (["--grad-clip", "-1"], "--grad-clip must be >= 0"),     # would ascend the loss
+        (["--prefix", "1024"], "unrecognized arguments: --prefix"),  # not an abbreviation of --prefix-start
+        (["--seed", "1000000"], "--seed must be in [0, 500000)"),   # per-rollout seeds would pass 2^63
+        (["--eval-n", "-3"], "--eval-n must be >= 0"),
+        (["--save-every", "-1"], "--save-every must be >= 0"),
+        (["--lr", "inf"], "--lr must be > 0 and finite"),
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(qwen), "--data", str(embedded.TRAIN_FILE)],
          "different vocabularies"),
     ]
@@ -142,6 +156,28 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
         errors = [line for line in lines if line.startswith("opd.py: error:")]
         assert len(errors) == 1 and msg in errors[0], (argv, lines)
         assert not out.exists(), argv
+
+
+def test_out_dir_holds_one_run(tmp_path):
+    """--resume continues the same run or nothing: a checkpoint past --steps, a changed schedule / batch / seed,
+    a fresh run over an old one, or --out naming a file are refused in one line."""
+    out = tmp_path / "run"
+    (out / "step_000002" / "trainer").mkdir(parents=True)
+    (out / "step_000002" / "trainer" / "state.json").write_text('{"step": 2}')
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(opd.Config(out=str(out), steps=5, delta=5))))
+    ok = opd.Config(out=str(out), steps=5, delta=5, resume=True)
+    assert opd.checkpoint_to_resume(ok) == out / "step_000002"
+    for cfg, msg in ((dataclasses.replace(ok, steps=1), "at step 2, past --steps 1"),
+                     (dataclasses.replace(ok, delta=6), "has delta=5, this command 6"),
+                     (dataclasses.replace(ok, seed=1), "has seed=0"),
+                     (dataclasses.replace(ok, resume=False), "already holds a run"),
+                     (opd.Config(out=str(out / "run.json")), "is a file")):
+        with pytest.raises(opd.UsageError, match=re.escape(msg)):
+            opd.checkpoint_to_resume(cfg)
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(opd.UsageError, match="never checkpointed"):
+        opd.checkpoint_to_resume(opd.Config(out=str(tmp_path / "crashed")))
 
 
 def torchrun(args, out, env_extra=None, nproc=2, **kw):
@@ -242,8 +278,7 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path):
     # the held-out numbers from before training survive the kill: written right after they were measured
     assert set(json.loads((out / "heldout.json").read_text())) == {"teacher", "student_before", "student_after"}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    resumed = [r for r in records if r["step"] >= saved][-(3 - saved):]
-    assert [r["step"] for r in resumed] == list(range(saved, 3))
+    assert [r["step"] for r in records] == [0, 1, 2]  # the records of steps redone after the checkpoint are replaced
     for r in records:
         assert r["L"] == opd.schedule(c, r["step"])
         assert r["len_max"] <= r["L"]  # early stop at L_train: the sampler never runs past the prefix
