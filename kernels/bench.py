@@ -42,6 +42,8 @@ def parse():
     p.add_argument("--full", action="store_true", help="every T for every method (GPU memory permitting)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes; runs on CPU with the Triton interpreter")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves ~1 min)")
+    p.add_argument("--diagnose", action="store_true", help="GPU: only where ours' time goes (a profile of one "
+                   "call and each step timed alone), no table")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="folder for bench.csv / bench.png")
     p.add_argument("--vs", metavar="FUSED_PY", help="also time another version of kernels/fused.py (e.g. from "
                    "`git show REV:kernels/fused.py`) as method 'vs', to see what a change bought")
@@ -66,6 +68,15 @@ def opd_from_logp(logp, opd):
 
 def naive_loss(h, w, y, opd):
     return opd_from_logp(naive_logp(h, w, y), opd)
+
+
+def load_vs(path):
+    """Another version of kernels/fused.py, as a module (inside the package: its relative imports work)."""
+    loader = importlib.machinery.SourceFileLoader("kernels._vs", path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    return vs
 
 
 def methods(args, dev):
@@ -102,10 +113,7 @@ def methods(args, dev):
     for rows in CHUNK_SWEEP:  # the time/memory trade-off of the chunk size
         out[f"ours_C{rows}"] = (None, lambda *a, rows=rows: ours_fb(*a, chunk=rows))
     if args.vs:
-        loader = importlib.machinery.SourceFileLoader("kernels._vs", args.vs)  # in the package: relative imports
-        spec = importlib.util.spec_from_loader(loader.name, loader)
-        vs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(vs)
+        vs = load_vs(args.vs)
 
         def vs_fwd(h, w, y, c, opd):
             with torch.no_grad():
@@ -235,9 +243,10 @@ def row_kernel_sweep(V, dev, rows=2048):
 
 
 def breakdown(V, H, T, dev):
-    """Where ours' fwd+bwd time goes at T tokens: each step of one chunk timed alone, times the number
-    of chunks, next to the 3-GEMM floor (sum over chunks of GEMM 1 alone is not the floor: the floor is
-    one T-row GEMM; small chunks lose there too)."""
+    """Where ours' fwd+bwd time goes at T tokens: each step of one chunk timed alone, on the data ours
+    sees (GEMMs 2 and 3 read the row kernel's e', GEMM 3's alpha h sits in the strided scratch), times
+    the number of chunks, next to the 3-GEMM floor (sum over chunks of GEMM 1 alone is not the floor:
+    the floor is one T-row GEMM; small chunks lose there too). Reference rows show the alternatives."""
     import triton.testing
     dt = torch.bfloat16
     C = fused._chunk_rows(V, dt, T)
@@ -248,37 +257,107 @@ def breakdown(V, H, T, dev):
     h, x = hs[:C], torch.empty(C, V, device=dev, dtype=dt)
     y = torch.randint(0, V, (C,), device=dev, generator=g)
     o = torch.zeros(9, C, device=dev)  # c, logp, ent, lse2, alpha, bad, ls, lt, m
+    o[7] = -0.5
     o[8] = 1
-    dh32, ha = torch.empty(C, H, device=dev), torch.empty(C, H, device=dev, dtype=dt)
+    dh32 = torch.empty(C, H, device=dev)
+    ha = dh32.view(dt)[:, :H]  # as in _head_pass: alpha h in the first half of each fp32 scratch row
+    ha_c = torch.empty(C, H, device=dev, dtype=dt)
     acc = torch.zeros(V, H, device=dev)
     torch.mm(h, w.t(), out=x)
     x0 = x.clone()
 
     def row():
-        x.copy_(x0)  # the kernel overwrites x; the copy is timed separately and subtracted
         fused._fwd_kernel[(C,)](x, x.stride(0), y, *o, h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1),
                                 H, V, fused.LOG2E, 1.0, 1e-3, FUSED_GRAD=True, EXACT_Y=True, GIVEN_C=False,
                                 BLOCK_H=1024)
-    steps = [  # (what, call, part of ours' time)
-        ("GEMM 1  x = h W^T (bf16 out)", lambda: torch.mm(h, w.t(), out=x), True),
-        ("row kernel (fused grad), copy subtracted", row, True),
-        ("copy x (read + write: the row kernel's floor)", lambda: x.copy_(x0), False),
-        ("GEMM 2  e' W (fp32 out)", lambda: fused._mm32(x0, w, dh32), True),
-        ("GEMM 2  e' W (bf16 out)", lambda: torch.mm(x0, w), False),
-        ("dh rows * alpha, h * alpha", lambda: (torch.mul(dh32, o[4][:, None], out=ha),
-                                                torch.mul(h, o[4][:, None], out=ha)), True),
-        ("GEMM 3  acc += e'^T (alpha h) (fp32, beta=1)", lambda: fused._acc_dw(acc, x0, ha, first=False), True),
-        ("GEMM 3  e'^T h (bf16 out, no accumulate)", lambda: torch.mm(x0.t(), h), False),
+    row()
+    e0 = x.clone()  # what GEMMs 2 and 3 read in ours: e' = 2^(u - c), mostly tiny
+
+    def row_again():
+        x.copy_(x0)  # the kernel overwrites x; the copy is timed separately and subtracted
+        row()
+    steps = [  # (what, call, chunks it runs for in ours: n, 1 (once per call) or 0 (reference))
+        ("GEMM 1  x = h W^T (bf16 out)", lambda: torch.mm(h, w.t(), out=x), n),
+        ("row kernel (fused grad), copy subtracted", row_again, n),
+        ("copy x (read + write: the row kernel's floor)", lambda: x.copy_(x0), 0),
+        ("GEMM 2  e' W (fp32 out)", lambda: fused._mm32(e0, w, dh32), n),
+        ("GEMM 2  on the logits instead of e' (fp32 out)", lambda: fused._mm32(x0, w, dh32), 0),
+        ("GEMM 2  e' W (bf16 out)", lambda: torch.mm(e0, w), 0),
+        ("dh rows * alpha, h * alpha", lambda: (torch.mul(dh32, o[4][:, None], out=ha_c),
+                                                torch.mul(h, o[4][:, None], out=ha)), n),
+        ("GEMM 3  acc += e'^T (alpha h), strided scratch", lambda: fused._acc_dw(acc, e0, ha, first=False), n),
+        ("GEMM 3  same, alpha h contiguous", lambda: fused._acc_dw(acc, e0, ha_c, first=False), 0),
+        ("GEMM 3  e'^T h (bf16 out, no accumulate)", lambda: torch.mm(e0.t(), h), 0),
+        ("dW: fp32 accumulator -> bf16 (once)", lambda: fused._grad_weight(acc.clone(), None, dt), 1),
+        ("  (its clone, subtracted)", lambda: acc.clone(), 0),
     ]
     ms = [triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") for _, f, _ in steps]
     ms[1] -= ms[2]
+    ms[-2] -= ms[-1]
     floor = triton.testing.do_bench(lambda: torch.mm(hs, w.t()), warmup=10, rep=40, return_mode="median")
     print(f"\nbreakdown of ours fwd+bwd, T={T}, H={H}: {n} chunks of <= {C} rows; ms per chunk, x {n}:")
-    total = sum(n * v for v, (_, _, used) in zip(ms, steps) if used)
-    for v, (what, _, used) in zip(ms, steps):
-        print(f"  {what:48s} {v:7.3f} ms  x{n} = {n * v:7.2f} ms{'' if used else '   (for reference)'}")
+    total = sum(k * v for v, (_, _, k) in zip(ms, steps))
+    for v, (what, _, k) in zip(ms, steps):
+        print(f"  {what:48s} {v:7.3f} ms  x{k} = {k * v:7.2f} ms" if k else
+              f"  {what:48s} {v:7.3f} ms  (for reference)")
     print(f"  {'sum':48s} {'':7s}          = {total:7.2f} ms;  3-GEMM floor {3 * floor:.2f} ms "
           f"(one {T}-row GEMM {floor:.2f} ms)")
+
+
+def profile(V, H, T, dev, mod=fused, label="ours"):
+    """One call of ours (mod: fused.py or another version of it) fwd+bwd under torch.profiler: the GPU time of
+    each kernel inside the real call, its sum, and the call's wall time (the rest is the GPU standing idle:
+    host syncs, launches)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    g = torch.Generator(device=dev).manual_seed(3)
+    w = (torch.randn(V, H, device=dev, generator=g) * (2.0 / math.sqrt(H))).to(torch.bfloat16).requires_grad_()
+    h = torch.randn(T, H, device=dev, generator=g).to(torch.bfloat16).requires_grad_()
+    y, _, opd = loss_inputs(T, V, dev, g)
+
+    def call():
+        h.grad = w.grad = None
+        mod.opd_loss_triton(h, w, y, *opd)[0].backward()
+    call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+    profiled, walls = start.elapsed_time(end), []
+    for _ in range(5):  # the same call without the profiler (whose CPU-side bookkeeping slows launches)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        walls.append(start.elapsed_time(end))
+    on_gpu = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    kernels = {}  # name -> [count, us]: the GPU-side kernel events (the CPU-side ops only launch them)
+    for e in on_gpu:
+        k = kernels.setdefault(e.name, [0, 0.0])
+        k[0] += 1
+        k[1] += e.time_range.end - e.time_range.start
+    print(f"\nprofile of one {label} fwd+bwd call, T={T}, H={H}: wall {profiled:.2f} ms under the "
+          f"profiler, {statistics.median(walls):.2f} ms without (median of 5); GPU kernels "
+          f"{sum(us for _, us in kernels.values()) / 1e3:.2f} ms")
+    for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:10]:
+        print(f"  {us / 1e3:8.2f} ms  x{count:<3d} {name[:100]}")
+    gaps = sorted(((b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(on_gpu, on_gpu[1:])),
+                  reverse=True)
+    print(f"  GPU idle between kernels: {sum(g for g, _, _ in gaps) / 1e3:.2f} ms; the largest gaps, with what the host "
+          f"was doing then (the CPU-side ops spanning the gap's middle, outermost first):")
+    t0 = on_gpu[0].time_range.start if on_gpu else 0
+    on_cpu = [e for e in prof.events() if e.device_type.name == "CPU"]
+    for a, b in sorted(zip(on_gpu, on_gpu[1:]), key=lambda ab: ab[0].time_range.end - ab[1].time_range.start)[:5]:
+        mid = (a.time_range.end + b.time_range.start) / 2
+        busy = [e.name for e in sorted(on_cpu, key=lambda e: e.time_range.start)
+                if e.time_range.start <= mid <= e.time_range.end]
+        print(f"  {(b.time_range.start - a.time_range.end) / 1e3:6.2f} ms at +{(a.time_range.end - t0) / 1e3:6.2f} ms: "
+              f"host in {' > '.join(busy[-6:]) or '(no op)'}")
+        print(f"      after  {a.name[:150]}\n      before {b.name[:150]}")
+    if not kernels:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
 
 
 def gemm_sweep(V, Hs, dev, out):
@@ -335,6 +414,10 @@ def main():
             os.execve(sys.executable, [sys.executable, "-m", "kernels.bench", *sys.argv[1:]],
                       {**os.environ, "TRITON_INTERPRET": "1"})
     os.makedirs(args.out, exist_ok=True)
+    if args.diagnose:
+        if dev.type != "cuda":
+            raise SystemExit("--diagnose times CUDA kernels: run it on a GPU")
+        return diagnose(151936, (2048, 4096), 16384, dev, args.out, sweeps=False, vs=args.vs and load_vs(args.vs))
     V = 1007 if args.tiny else 151936
     Hs = (64,) if args.tiny else (2048, 4096)
     T_main = 64 if args.tiny else 16384
@@ -387,15 +470,28 @@ def main():
                     print(f"{name:15s} {mode:8s} T={T:6d} H={H}: {ms:9.2f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  "
                           f"peak extra {mem:6.2f} GiB  ({first_s:.1f} s)", flush=True)
                     write_csv(rows, csv_path)  # as we go: a run cut short still leaves its numbers
+            before = [r for r in rows if r["method"] == "cublas_gemm" and (r["T"], r["H"]) == (T, H)]
+            if T == T_main and before:  # the floor again, after the methods: SM clocks drift with heat (the same
+                # GEMM kernel ran 11.6 vs 13.0 ms minutes apart on an H100); ratios use the mean of the two
+                ms = time_ms(lambda: meths["cublas_gemm"][0](h, w, y, c, opd), dev, [h, w])
+                rows.append(dict(before[0], method="cublas_gemm_after", ms=ms, tflops=2 * T * V * H / ms / 1e9))
+                write_csv(rows, csv_path)
     report(rows, T_main, args.out)
     if dev.type == "cuda":  # diagnostics, after the table so that a failure or a timeout here costs nothing above
-        print("\nautotuned row kernel:", getattr(fused._fwd_kernel, "best_config", None))
-        for diag in [lambda: row_kernel_sweep(V, dev)] + [lambda H=H: breakdown(V, H, T_main, dev) for H in Hs] + \
-                [lambda: gemm_sweep(V, Hs, dev, args.out)]:
-            try:
-                diag()
-            except Exception as e:
-                print(f"diagnostic failed: {type(e).__name__}: {e}")
+        diagnose(V, Hs, T_main, dev, args.out, vs=args.vs and load_vs(args.vs))
+
+
+def diagnose(V, Hs, T, dev, out, sweeps=True, vs=None):
+    print("\nautotuned row kernel:", getattr(fused._fwd_kernel, "best_config", None))
+    diags = [lambda H=H: (profile(V, H, T, dev), vs and profile(V, H, T, dev, vs, "vs"), breakdown(V, H, T, dev))
+             for H in Hs]
+    if sweeps:
+        diags = [lambda: row_kernel_sweep(V, dev)] + diags + [lambda: gemm_sweep(V, Hs, dev, out)]
+    for diag in diags:
+        try:
+            diag()
+        except Exception as e:
+            print(f"diagnostic failed: {type(e).__name__}: {e}")
 
 
 def loss_inputs(T, V, dev, g):
@@ -446,6 +542,11 @@ def report(rows, T_main, out):
     print(f"\n{'method':15s} {'mode':8s} {'T':>6s} {'H':>5s} {'ms':>9s} {'TFLOP/s':>8s} {'x floor':>8s} "
           f"{'peak GiB':>9s} {'grad err':>9s}")
     floor = {(r["T"], r["H"]): r["ms"] for r in rows if r["method"] == "cublas_gemm"}
+    for r in rows:
+        if r["method"] == "cublas_gemm_after":  # timed before and after the methods: use the mean
+            print(f"floor drift at T={r['T']}, H={r['H']}: one GEMM {floor[r['T'], r['H']]:.2f} ms before the methods, "
+                  f"{r['ms']:.2f} ms after")
+            floor[r["T"], r["H"]] = (floor[r["T"], r["H"]] + r["ms"]) / 2
     for r in rows:
         f = floor.get((r["T"], r["H"]))
         r["x_floor"] = r["ms"] / (f * (1 if r["mode"] == "fwd" else 3)) if f else float("nan")

@@ -34,7 +34,9 @@ fi
 tests_rc=0 bench_rc=0 step_rc=0 opd_rc=0
 if want tests; then
     log "1/4 tests/test_kernels.py on CUDA"
-    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log"
+    # minus the CPU-side checks (the sm_90 build read from SASS, the tiny bench): CI runs those, the bench runs below
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        -k "not compile_lean and not narrow_stores and not bench_tiny" 2>&1 | tee "$OUT/gpu_tests.log"
     tests_rc=$?
     [ $tests_rc -eq 124 ] && log "ERROR: tests timed out after 150 s"
 fi

@@ -146,6 +146,7 @@ def report(arch=90, check=False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: (print(f"kernels.sass: error: {msg}", file=sys.stderr), sys.exit(2))
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100/H200)")
     p.add_argument("--check", action="store_true", help="exit 1 on spills or narrow bf16 loads/stores")
     a = p.parse_args()
