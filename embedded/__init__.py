@@ -32,14 +32,16 @@ Held-out accuracy at temperature 1.0, top_p 1.0 (4 samples per question) and err
     teacher  0.994   0.003 0.003 0.001 0.006 0.003
     student  0.365   0.698 0.246 0.003 0.008 0.010
 
-Prefix OPD on it (single-process check with the loss of DESIGN.md, 32 prompts x 4 rollouts per step,
+Prefix OPD on it (single-process check with opd.py's loss, 32 prompts x 4 rollouts per step,
 AdamW lr 3e-4, L_train = 8 + 2*step, max_new_tokens 64, held-out accuracy at temperature 1.0):
     student accuracy   step 0   step 10            step 20            step 30     (3 seeds; teacher 0.998)
     L = 8 + 2*step     0.355    0.78 0.80 0.72     0.93 0.96 0.89     0.95 0.93 0.88
     L = 64 (full)      0.355    0.89               0.94               0.91
     L = 16 (fixed)     0.355    0.91               0.89               0.74
 A fixed short prefix first helps and then hurts the untrained tail (paper §5.2, Finding 3: a small
-student's prefix competes with its tail), which the growing schedule avoids. Suggested demo: 20 steps (L_train reaches 46, the mean completion is 42 tokens).
+student's prefix competes with its tail), which the growing schedule avoids.
+The demo (`torchrun --nproc_per_node 2 opd.py`) runs 40 steps of L_train = 6 + step (6..45; completions
+are ~42 tokens).
 """
 import re
 from pathlib import Path

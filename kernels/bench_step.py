@@ -73,13 +73,15 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        raise SystemExit("no GPU here: run with --tiny (CPU smoke test) or on a CUDA machine")
     if args.tiny:
         args.tokens, args.iters = 64, 1
     modes = ["naive", "torch", "triton", "backbone"] if device.type == "cuda" else ["naive", "torch", "backbone"]
     rows = []
     for role, name in (("student", "Qwen3-1.7B"), ("teacher", "Qwen3-8B")):
         model, cfg = qwen3(name, device, layers=1 if args.tiny else None)
-        model.requires_grad_(role == "student")  # no activation checkpointing: the DESIGN.md anchors have none
+        model.requires_grad_(role == "student")  # no activation checkpointing, as in the trainer anchors it is compared with
         ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), device=device)
         coef = torch.randn(args.tokens - 1, device=device)
         work = flops.train_flops(cfg, [args.tokens]) if role == "student" else flops.fwd_flops(cfg, [args.tokens])

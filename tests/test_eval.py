@@ -295,3 +295,16 @@ def test_hub_benchmark_without_datasets_says_how_to_fix(tmp_path):
                 tmp_path=tmp_path)
     assert r.returncode == 2 and "pass --data aime24=FILE" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+# eval.summarize: mean acc@k per question first, then the mean and 95% interval over questions (§4.1).
+# Kills averaging (and the interval) over samples instead of questions.
+def test_summarize_is_over_questions():
+    # two questions, k = 2: q1 both right, q2 both wrong -> per-question acc 1, 0: mean 50,
+    # sd sqrt(0.5) = 0.70711, half-width 1.96 * 0.70711 / sqrt(2) = 0.98 (over the 4 samples it would be 0.566)
+    samples = [dict(row="m", col="B", id=q, correct=c) for q, c in (("1", True), ("1", True), ("2", False), ("2", False))]
+    samples += [dict(row="m", col="C", id="1", correct=c) for c in (True, False, False, False)]
+    s = ev.summarize(samples)
+    mean, ci, nq, k = s["m"]["B"]
+    assert (nq, k) == (2, 2) and mean == pytest.approx(50.0) and ci == pytest.approx(98.0)
+    assert s["m"]["C"] == (pytest.approx(25.0), 0.0, 1, 4)  # one question: acc@4 = 1/4, no interval

@@ -460,3 +460,51 @@ def test_dispatch_and_errors():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+# fp16 (shift c = the row max) with targets that hold nearly all the mass: the exact fp32 target logit can sit a
+# rounding above the fp16 row max, and logp = (u_y - c) - log2 S_y lands a few 1e-8 above 0 unless clamped.
+# Kills the removal of the kernel's logp clamp (the documented `logp <= 0 always`).
+def test_fp16_logp_of_a_dominant_target_is_not_positive():
+    lps = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        N, V, H = 64, 257, 64
+        h = torch.randn(N, H, generator=g)
+        w = torch.randn(V, H, generator=g) * 3 / math.sqrt(H)
+        y = torch.randint(0, V, (N,), generator=g)
+        w[y] = h * 4 / math.sqrt(H)  # z_y ~ 4 |h|^2 / sqrt(H) ~ 32, the rest ~ 3: p_y = 1 - O(e^-20)
+        h, w = h.half().to(DEV), w.half().to(DEV)
+        y = (h.double() @ w.double().t()).argmax(1)
+        with torch.no_grad():
+            lp = fused.token_logprobs_triton(h, w, y)[0]
+            lp64 = ref.token_logprobs_ref(h.double(), w.double(), y)[0]
+        assert (lp64 > -1e-6).sum() >= N // 2  # most rows are really peaked
+        lps.append(lp)
+    lp = torch.cat(lps)
+    assert (lp <= 0).all(), lp.max().item()
+
+
+# opd_loss with fractional mask weights (the kernels' API: "0/1 masks, also weights"), both implementations,
+# against the formula written out in fp64: loss = scale * sum_t m_t exp(logp_t - ls_t) (ls_t - lt_t), and its
+# gradient. tests/test_kernels.py compares the Triton path with the reference, so a reference that is wrong in the
+# same way as nothing else (here: the weights ignored) goes unseen there. Kills m dropped from the reference loss.
+@pytest.mark.parametrize("impl", [ref.opd_loss_ref, fused.opd_loss_triton])
+def test_opd_loss_mask_weights_by_formula(impl):
+    g = torch.Generator().manual_seed(0)
+    N, V, H, scale, T = 6, 50, 16, 0.25, 0.8
+    h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) / 4
+    y = torch.randint(0, V, (N,), generator=g)
+    m = torch.tensor([1.0, 0.5, 0.0, 0.25, 2.0, 1.0])
+    h64 = h.double().requires_grad_(True)
+    logp = torch.log_softmax(h64 @ w.double().t() / T, -1).gather(1, y[:, None])[:, 0]
+    ls = logp.detach() + 0.1 * torch.randn(N, generator=g, dtype=torch.float64)
+    lt = ls - torch.rand(N, generator=g, dtype=torch.float64)
+    want = scale * (m.double() * torch.exp(logp - ls) * (ls - lt)).sum()
+    want.backward()
+    hh = h.to(DEV).requires_grad_(True)
+    loss, st = impl(hh, w.to(DEV), y.to(DEV), ls.float().to(DEV), lt.float().to(DEV), m.to(DEV), scale, T)
+    loss.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(hh.grad.double().cpu(), h64.grad, atol=1e-6, rtol=1e-4)
+    assert st["ratio"][2].item() == 0 and st["ratio"][1].item() == pytest.approx(torch.exp(logp - ls)[1].item(), rel=1e-5)

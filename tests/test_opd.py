@@ -14,9 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
 import embedded
 import opd
+from kernels.ref import token_logprobs_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -345,6 +348,10 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
                for k, v in load_file(embedded.STUDENT_DIR / "model.safetensors").items()}
         sampler.load_weights([new])
         after = sampler.generate(prompts, 1, 8, seed=0)
+        # sample k of a call draws with seed + k whatever n is (one seed per prompt, stepping by n; vLLM seeds sample
+        # j of a prompt with seed + j), which is what sampling_seed's per-rank index blocks rely on
+        pairs = [t for t, _, _ in sampler.generate([prompts[0]] * 3, 2, 24, seed=5)]
+        singles = [t for t, _, _ in sampler.generate([prompts[0]] * 6, 1, 24, seed=5)]
     finally:
         sampler.close()
         if dist.is_initialized():
@@ -357,6 +364,7 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
             logits = hf(torch.tensor([p + toks])).logits[0, len(p) - 1:-1]
         want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
         assert (want - torch.tensor(lps)).abs().max() < 1e-3
+    assert pairs == singles and len({tuple(t) for t in pairs}) > 1
 
 
 def test_non_finite_loss_skips_the_update(tmp_path):
@@ -382,3 +390,166 @@ def test_non_finite_loss_skips_the_update(tmp_path):
     start = load_file(embedded.STUDENT_DIR / "model.safetensors")
     end = load_file(out / "step_000002" / "model.safetensors")
     assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+# opd.step_metrics by hand: truncation, KL by position bin, sampler gap, and the masked/unmasked means.
+# 
+# Kills: truncation counted from lengths (len > L) instead of the sampler's flag, a KL bin index off by one,
+# the sampler gap without abs (signed gaps cancel).
+@pytest.fixture
+def world_of_one(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)  # opd.init_dist: a world of one on a free port
+    threads = torch.get_num_threads()
+    mine = not dist.is_initialized()
+    if mine:
+        opd.init_dist()
+    yield
+    if mine:
+        dist.destroy_process_group()
+    torch.set_num_threads(threads)
+
+
+def test_step_metrics_by_hand(world_of_one):
+    cfg = opd.Config(student="s", teacher="t", data="d", max_new_tokens=8, kl_bin=4)  # bins [0, 4), [4, 8)
+    L = 6
+    # rollout A: 6 tokens, cut at L (the sampler says truncated); rollout B: 3 tokens, ended by itself
+    rollouts = [([5] * 6, [-1.0] * 6, True), ([5] * 3, [-1.0] * 3, False)]
+    kl = torch.tensor([0.5, 1.0, 1.5, 2.0, 4.0, 6.0, -1.0, 0.0, 3.0])
+    mask = torch.tensor([1.0, 1, 1, 1, 0, 0, 1, 1, 0])
+    pos = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2])
+    ls = torch.full((9,), -1.0)
+    logp = ls + torch.tensor([0.25, -0.25, 0.5, -0.5, 9.0, 9.0, 0.125, -0.125, 9.0])  # gaps of both signs
+    ratio = torch.exp(logp - ls) * mask
+    ent = torch.tensor([1.0, 2, 3, 4, 0, 0, 5, 6, 0])
+    logp = torch.where(mask > 0, logp, torch.zeros(9))  # masked tokens hold 0, as the kernels return them
+    stats = [dict(mask=mask, kl=kl, pos=pos, logp=logp, logp_sampler=ls, entropy=ent, ratio=ratio)]
+    m = opd.step_metrics(cfg, stats, rollouts, L, torch.device("cpu"))
+    assert m["L"] == 6 and m["n_seqs"] == 2 and m["seqlen_sum"] == 9 and m["seqlen_sq_sum"] == 45
+    assert m["len_max"] == 6 and m["len_mean"] == 4.5
+    assert m["truncated"] == 0.5  # the sampler's flag: A stopped at max_tokens = L
+    assert m["trained_tokens"] == 6
+    assert m["kl"] == pytest.approx((0.5 + 1.0 + 1.5 + 2.0 - 1.0 + 0.0) / 6)
+    assert m["kl_all"] == pytest.approx(kl.sum().item() / 9)
+    assert m["entropy"] == pytest.approx(21 / 6)
+    assert m["ratio_mean"] == pytest.approx((ratio.sum() / 6).item())
+    assert m["ratio_max"] == pytest.approx(ratio.max().item())
+    assert m["gap_mean"] == pytest.approx((0.25 + 0.25 + 0.5 + 0.5 + 0.125 + 0.125) / 6)
+    assert m["gap_max"] == pytest.approx(0.5)
+    # KL by position over all sampled tokens: bin 0 = positions 0-3 of A and 0-2 of B, bin 1 = positions 4-5 of A
+    assert m["kl_by_pos"] == pytest.approx([(0.5 + 1.0 + 1.5 + 2.0 - 1.0 + 0.0 + 3.0) / 7, (4.0 + 6.0) / 2])
+
+
+# opd.forward + LogProbs: the hidden rows scored are the ones that predict each response token, for a right-padded
+# batch of sequences of different lengths. Kills an off-by-one in the (rows, cols) gather.
+def test_forward_scores_each_response_token_given_its_prefix():
+    hf = AutoModelForCausalLM.from_pretrained(embedded.STUDENT_DIR, dtype=torch.float32).eval()
+    model = opd.LogProbs(hf)
+    seqs = [([1, 7, 8, 9], [20, 21, 22]), ([1, 7], [30, 31, 32, 33, 34]), ([1, 7, 8], [40])]
+    with torch.no_grad():
+        lp, _ = opd.forward(model, seqs, 0, torch.device("cpu"), token_logprobs_ref)
+        want = []
+        for p, r in seqs:
+            logits = hf(torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+            want.append(torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(r)[:, None])[:, 0])
+    want = torch.cat(want)
+    assert lp.shape == want.shape == (9,)
+    assert torch.allclose(lp, want, atol=1e-5), (lp - want).abs().max()
+
+
+# opd.main's own arithmetic, in process on the embedded models with the sampler replaced by a recorder (no
+# generation): the loss scale handed to train_step (1 / rollouts of the global batch, times world for FSDP's
+# average), the rollout seed and prompts of a rank, the logged loss (per rollout) and the truncated fraction.
+# 
+# The 2-rank case runs in a world of one with init_dist reporting rank 1 of 2: every collective is real (over one
+# rank), only the rank's slice of the batch, its seeds and the scale see the pretended rank.
+# Kills: the scale divided by tokens instead of rollouts, rank seeds that forget the samples per prompt
+# (ranks draw each other's noise), the logged loss divided by tokens.
+B, S, L = 4, 2, 4
+
+
+class Recorder:
+    calls = []
+
+    def __init__(self, path, device, pad_id, stop):
+        pass
+
+    def load_weights(self, buckets):
+        for _ in buckets:  # the all-gathers run, as in a real sync
+            pass
+
+    def generate(self, prompt_ids, n, max_tokens, seed):
+        Recorder.calls.append(dict(prompts=prompt_ids, n=n, max_tokens=max_tokens, seed=seed))
+        out = []
+        for i in range(len(prompt_ids)):
+            for j in range(n):
+                k = max_tokens if (i + j) % 2 == 0 else max_tokens - 2  # half cut at L_train
+                out.append(([10 + t for t in range(k)], [-1.0] * k, k == max_tokens))
+        return out
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, rank, world):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(opd, "HFSampler", Recorder)
+    Recorder.calls = []
+    real_init = opd.init_dist
+    monkeypatch.setattr(opd, "init_dist", lambda: (rank, world, real_init()[2]))
+    seen = {}
+    real_step = opd.train_step
+
+    def train_step(cfg, student, teacher, kern, seqs, lps, scale, *a):
+        out = real_step(cfg, student, teacher, kern, seqs, lps, scale, *a)
+        seen.update(scale=scale, n=len(seqs), stats=out[0])
+        return out
+
+    monkeypatch.setattr(opd, "train_step", train_step)
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    argv = ["--student", str(embedded.STUDENT_DIR), "--teacher", str(embedded.TEACHER_DIR), "--data",
+            str(embedded.TRAIN_FILE), "--steps", "1", "--batch-size", str(B), "--samples", str(S),
+            "--prefix-start", str(L), "--sampler", "hf", "--impl", "torch", "--seed", "3", "--out", str(out)]
+    try:
+        opd.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():  # main failed half-way: leave no process group to the next test
+            dist.destroy_process_group()
+    cfg = opd.parse_args(argv)
+    per_rank = B // world
+    [call] = Recorder.calls
+    questions = opd.load_questions(embedded.TRAIN_FILE)
+    tok = opd.load_tokenizers(cfg)
+    idx = opd.step_prompts(len(questions), 0, B, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+    assert call["prompts"] == [tok(opd.chat_prompt(tok, questions[i]), add_special_tokens=False).input_ids for i in idx]
+    assert call["n"] == S and call["max_tokens"] == L
+    # this rank's rollouts are indices rank*per_rank*S .. of the step's block: seeds disjoint from the other ranks'
+    assert call["seed"] == opd.sampling_seed(cfg, 0, rank * per_rank * S)
+    assert seen["n"] == per_rank * S and seen["scale"] == pytest.approx(world / (B * S))
+    if rank == 0:
+        [rec] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        st = seen["stats"]
+        want = sum((s["mask"] * s["ratio"] * s["kl"]).sum().item() for s in st) / (B * S)
+        assert rec["loss"] == pytest.approx(want, rel=1e-6) and rec["loss"] != 0
+        assert rec["truncated"] == 0.5 and rec["n_seqs"] == B * S and rec["L"] == L
+
+
+# Runs with different --seed draw different rollouts and see different data orders, at every step / epoch.
+# Kills seed formulas that only add the run's seed to the step or epoch (seed s step t+1 == seed s+1 step t).
+def cfg(**kw):
+    return opd.Config(**{"student": "s", "teacher": "t", "data": "d", **kw})
+
+
+def test_sampling_seeds_of_different_runs_never_meet():
+    seeds = [opd.sampling_seed(cfg(seed=s), step, i) for s in range(4) for step in list(range(4)) + [10**7, 10**7 + 1]
+             for i in (0, 7, 2**24 - 1)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) < 2**63
+
+
+def test_data_order_of_different_seeds_is_not_shifted():
+    n = 10
+    orders = {s: [opd.step_prompts(n, e, n, seed=s) for e in range(3)] for s in range(3, 6)}  # one epoch per step
+    epochs = [tuple(o) for s in orders for o in orders[s]]
+    assert len(set(epochs)) == len(epochs)  # seed 3's second epoch is not seed 4's first
