@@ -14,7 +14,8 @@ traffic in the fused-gradient pass (bf16 in, bf16 out): 0.84e12 logits/s at an H
 1.2e12 at an H200's 4.8 TB/s. The SMs issue ~33e12 thread-instructions/s (132 SMs x 4 x 32 lanes x
 ~1.98 GHz), so the loop has a budget of ~40 (H100) / ~28 (H200) instructions per logit, and a 2-byte
 store per logit (8 store instructions where one 16-byte store does) eats it. That happened once: a
-`col != y` store mask made every store scalar, at 17 instructions per logit; without it, 11.
+`col != y` store mask made every store scalar, at 17 instructions per logit; without it 11, and 9 once
+the per-lane running max went. On an H100 that loop then ran at 82-85 % of a plain copy's bandwidth.
 """
 import argparse
 import os
