@@ -224,12 +224,12 @@ def read_rows(path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+            if not isinstance(rows[-1], dict):
+                raise UsageError(f"{path}:{i}: expected a JSON object per line, got {type(rows[-1]).__name__}")
     return rows
 
 
 def question_of(row: dict, where: str) -> str:
-    if not isinstance(row, dict):
-        raise UsageError(f"{where}: expected a JSON object (one per question), got {type(row).__name__}")
     for key in ("prompt", "question", "problem", "Problem"):
         if isinstance(row.get(key), str):
             return row[key]
