@@ -9,11 +9,12 @@ interval over questions: 1.96 * sd(per-question acc@k) / sqrt(#questions).
     python eval.py --model ckpt/step50 ckpt/step60 \\
         --data math500=math500.jsonl aime24=aime24.parquet aime25=aime25.jsonl gpqa=gpqa_diamond.csv \\
                mmlupro=mmlu_pro_test.parquet
-    python eval.py --model Qwen3-1.7B-Base --teacher-prefix Qwen3-8B \\
+    python eval.py --model Qwen/Qwen3-1.7B-Base --teacher-prefix Qwen/Qwen3-8B \\
         --data aime24=aime24.parquet --prefix-lengths 0,2048,4096,6144,8192     # Fig. 3
 
-Local files use the public column names (MATH-500 problem/answer, AIME-24 Problem/Answer, AIME-25 problem/answer,
-GPQA Question/Correct Answer/Incorrect Answer 1-3, MMLU-Pro question/options/answer). A benchmark named in
+--model takes checkpoint directories or hub ids (fetched into the Hugging Face cache: config, tokenizer,
+*.safetensors). Local files use the public column names (MATH-500 problem/answer, AIME-24 Problem/Answer,
+AIME-25 problem/answer, GPQA Question/Correct Answer/Incorrect Answer 1-3, MMLU-Pro question/options/answer). A benchmark named in
 --benchmarks without --data is fetched from the hub with `datasets` (when installed and online).
 Writes OUT/eval.json (every sample), OUT/table.md (rows = checkpoints, columns = benchmarks) and,
 for the probe, OUT/prefix_probe.png.
@@ -331,7 +332,7 @@ def markdown_table(summary, cols, first):
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", nargs="+", help="HF checkpoint dirs, several -> one table; 'student'/'teacher' = the "
+    p.add_argument("--model", nargs="+", help="HF checkpoint dirs or hub ids, several -> one table; 'student'/'teacher' = the "
                    "embedded task's models (default: both; the student alone with --teacher-prefix)")
     p.add_argument("--benchmarks", help=f"comma list of {','.join(BENCHMARKS)} (default: --data's, else embedded)")
     p.add_argument("--data", nargs="+", default=[], metavar="BENCH=FILE",
@@ -391,12 +392,20 @@ def check_out(out):
 
 
 def resolve_model(m):
-    """A checkpoint directory; 'student'/'teacher' name the embedded task's models."""
+    """A checkpoint directory; 'student'/'teacher' name the embedded task's models; an 'org/name' hub id that is
+    not a local directory is fetched into (or read from) the Hugging Face cache."""
     if not os.path.isdir(m) and m in ("student", "teacher"):
         import embedded
         m = str(embedded.STUDENT_DIR if m == "student" else embedded.TEACHER_DIR)
         if not os.path.isfile(os.path.join(m, "config.json")):
             raise BadInput(f"the embedded {os.path.basename(m)} is not built at {m} (run: python -m embedded.build)")
+    elif not os.path.exists(m) and m.count("/") == 1 and not m.startswith("."):
+        from huggingface_hub import snapshot_download
+        try:
+            m = snapshot_download(m, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        except Exception as e:  # offline, unknown id, no access: huggingface_hub raises several types
+            raise BadInput(f"no local checkpoint at {m}, and the hub did not give it ({type(e).__name__}); pass a "
+                           "checkpoint directory") from None
     if not os.path.isfile(os.path.join(m, "config.json")):
         raise BadInput(f"no HF checkpoint at {m} (expected a directory with config.json, tokenizer and *.safetensors)")
     return m

@@ -1,5 +1,5 @@
 """eval.py: grading, loaders, the prompt, end-to-end runs on the embedded task, clear errors. CPU only."""
-import csv, importlib.util, json, os, subprocess, sys
+import csv, importlib.util, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -285,6 +285,25 @@ def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_hub_ids_come_from_the_hf_cache(tmp_path):
+    """--model org/name that is no local directory is taken from the Hugging Face hub cache (offline here: a cache
+    laid out by hand with the embedded student), as opd.py takes hub ids; an id the hub cannot give is one line."""
+    import embedded
+    snap = tmp_path / "hub" / "models--someorg--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(embedded.STUDENT_DIR, snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0123abcd")
+    env = dict(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    r = run_cli("--model", "someorg/tiny", "--benchmarks", "embedded", "--limit", "2", "--samples", "1", "--sampler",
+                "hf", "--out", str(tmp_path / "o"), tmp_path=tmp_path, env_extra=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert {x["model"] for x in res["samples"]} == {str(snap)}
+    r = run_cli("--model", "someorg/missing", "--out", str(tmp_path / "o2"), tmp_path=tmp_path, env_extra=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "no local checkpoint at someorg/missing" in lines[0], r.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
