@@ -257,10 +257,13 @@ def _scale_cast_kernel(in_ptr, s_in, sc_in, out_ptr, s_out, sc_out, s_ptr, n_row
              mask=inb)
 
 
+SCALE_TILE = (64, 256) if INTERPRET else (8, 512)  # rows x columns per program: the interpreter pays per program
+
+
 def _scale_cast(inp, s, out):
     """out = inp * s for 2-D inp / out (s: [rows], one per row, or a 0-dim tensor); returns out."""
     rows, cols = inp.shape
-    R, BC = (64, 256) if INTERPRET else (8, 512)  # the interpreter pays per program, the GPU per register
+    R, BC = SCALE_TILE
     if rows:
         _scale_cast_kernel[(triton.cdiv(rows, R), triton.cdiv(cols, BC))](
             inp, inp.stride(0), inp.stride(1), out, out.stride(0), out.stride(1), s, rows, cols,

@@ -3,7 +3,8 @@
     python -m kernels.sass              # sm_90 (H100 / H200): one line per kernel variant and launch config
     python -m kernels.sass --arch 80    # A100
     python -m kernels.sass --check      # exit 1 unless every variant compiles without spills and every bf16
-                                        # hot loop moves 16 bytes per load / store instruction (a test runs this)
+                                        # hot loop (and the scale-and-cast kernel) moves 16 bytes per load /
+                                        # store instruction (a test runs this)
 
 Triton compiles a kernel for any target without a device (its wheel ships ptxas and cuobjdump). The
 arguments are specialised the way the JIT specialises a real launch (16-aligned pointers, V = 151936,
@@ -23,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from collections import Counter
 
 import torch
@@ -92,13 +94,17 @@ def hot_loop(sass):
     return min(loops, key=len) if loops else []
 
 
+def width(op):
+    """Bytes per thread moved by a global load / store opcode (LDG.E.128 -> 16, STG.E.U16 -> 2, LDG.E -> 4)."""
+    return {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}.get(op.split(".")[-1], 4)
+
+
 def loop_stats(sass, per_thread):
     """Instructions per element and bytes per global load / store instruction in the hot loop
     (per_thread: elements each thread handles per trip)."""
     body = hot_loop(sass)
-    nbytes = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
-    ld = [nbytes.get(op.split(".")[-1], 4) for op in body if op.startswith("LDG")]
-    st = [nbytes.get(op.split(".")[-1], 4) for op in body if op.startswith("STG")]
+    ld = [width(op) for op in body if op.startswith("LDG")]
+    st = [width(op) for op in body if op.startswith("STG")]
     return dict(instr=len(body) / per_thread, ld=sum(ld) / len(ld) if ld else 0, st=sum(st) / len(st) if st else 0,
                 mem=dict(Counter(op for op in body if op.startswith(("LDG", "STG")))), found=bool(body))
 
@@ -139,6 +145,19 @@ def report(arch=90, check=False):
             if dt == torch.bfloat16 and (st["ld"] != 16 or st["st"] not in (0, 16) or st["instr"] > BUDGET):
                 bad.append(f"{what}: {st['instr']:.1f} instructions per logit (budget {BUDGET}), loads {st['ld']:.0f} B, "
                            f"stores {st['st']:.0f} B per instruction (want 16)")
+    # the scale-and-cast kernel (dW's fp32 -> bf16 conversion, the row scalings): no loop; its data moves in 16 B
+    import triton
+    f32, b16 = torch.empty(8), torch.empty(8, dtype=torch.bfloat16)
+    R, BC = fused.SCALE_TILE
+    for name, args, per_row in (("dW fp32 -> bf16 * g", (f32, H, 1, b16, H, 1, f32, 16384, H), False),
+                                ("h * alpha (strided)", (b16, H, 1, b16, 2 * H, 1, f32, 2752, H), True)):
+        sass, regs, local = compile_sass(types.SimpleNamespace(fn=fused._scale_cast_kernel),
+                                         triton.Config({"R": R, "BC": BC}, num_warps=4), args, dict(PER_ROW=per_row), arch)
+        ops = re.findall(r"\s((?:LDG|STG)\S*)", sass)
+        print(f"scale-and-cast {name}: {regs} registers, {local} B spilled, {dict(Counter(ops))}")
+        if local or max(width(op) for op in ops if op.startswith("LDG")) != 16 or \
+                any(width(op) != 16 for op in ops if op.startswith("STG")):
+            bad.append(f"scale-and-cast {name}: spills or loads / stores narrower than 16 B")
     for b in bad:
         print("FAIL", b)
     if check and bad:
