@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import types
 from collections import Counter
 
 import torch
@@ -59,8 +58,8 @@ def _variants():
     ]
 
 
-def compile_sass(autotuner, cfg, args, kw, arch):
-    """SASS and resource usage of autotuner's kernel for one launch config, compiled for sm_<arch>."""
+def compile_sass(fn, cfg, args, kw, arch):
+    """SASS and resource usage of the @triton.jit kernel fn for one launch config, compiled for sm_<arch>."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -68,7 +67,6 @@ def compile_sass(autotuner, cfg, args, kw, arch):
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    fn = autotuner.fn
     kw = dict(kw, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # the JIT's own binder: the same specialisation (divisibility by 16, unit strides as constants) as a launch
     bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kw)
@@ -131,7 +129,7 @@ def report(arch=90, check=False):
     bad = []
     for name, kernel, dt, args, kw in _variants():
         for cfg in kernel.configs:
-            sass, regs, local = compile_sass(kernel, cfg, args, kw, arch)
+            sass, regs, local = compile_sass(kernel.fn, cfg, args, kw, arch)
             st = loop_stats(sass, cfg.kwargs["BLOCK"] // (32 * cfg.num_warps))
             progs = resident(regs, cfg.num_warps)
             kb = progs * cfg.kwargs["BLOCK"] * dt.itemsize / 1024
@@ -151,7 +149,7 @@ def report(arch=90, check=False):
     R, BC = fused.SCALE_TILE
     for name, args, per_row in (("dW fp32 -> bf16 * g", (f32, H, 1, b16, H, 1, f32, 16384, H), False),
                                 ("h * alpha (strided)", (b16, H, 1, b16, 2 * H, 1, f32, 2752, H), True)):
-        sass, regs, local = compile_sass(types.SimpleNamespace(fn=fused._scale_cast_kernel),
+        sass, regs, local = compile_sass(fused._scale_cast_kernel,
                                          triton.Config({"R": R, "BC": BC}, num_warps=4), args, dict(PER_ROW=per_row), arch)
         ops = re.findall(r"\s((?:LDG|STG)\S*)", sass)
         print(f"scale-and-cast {name}: {regs} registers, {local} B spilled, {dict(Counter(ops))}")

@@ -363,7 +363,7 @@ def test_sass_check_sees_narrow_stores(tmp_path):
 
         x, y = torch.empty(8, dtype=torch.bfloat16), torch.empty(8, dtype=torch.long)
         for skip in (True, False):
-            s, regs, local = sass.compile_sass(copy_exp, copy_exp.configs[0], (x, 151936, y, 151936), dict(SKIP_Y=skip), 90)
+            s, regs, local = sass.compile_sass(copy_exp.fn, copy_exp.configs[0], (x, 151936, y, 151936), dict(SKIP_Y=skip), 90)
             st = sass.loop_stats(s, 16)
             print(skip, st["ld"], st["st"])
     """))
