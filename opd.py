@@ -17,6 +17,8 @@ One step (every rank runs the same code on its slice of the batch, SPMD under to
 """
 import argparse
 import dataclasses
+import datetime
+import gc
 import json
 import math
 import os
@@ -32,9 +34,15 @@ import torch.distributed as dist
 
 import flops
 
+# The rollouts' sampling temperature. Both samplers report log-probs of the raw (T = 1) logits and the kernels score
+# at this temperature, so the ratios and the KL are of the T = 1 distributions; another T would need vLLM's
+# logprobs_mode="processed_logprobs" and the HF sampler's log-probs taken after its logits processors.
+TEMPERATURE = 1.0
+
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (--batch-size for batch_size). Defaults are the paper's (§4.1).
+# Config: every field is a command-line flag (--batch-size for batch_size). Defaults are the paper's (§4.1) where it
+# gives one; weight decay and gradient clipping it does not give (ours: none, and verl's 1.0).
 def _f(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -49,8 +57,8 @@ class Config:
     batch_size: int = _f(512, "prompts per step, global (split over ranks)")
     samples: int = _f(4, "rollouts per prompt")
     lr: float = _f(5e-5, "AdamW learning rate (constant)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not in the paper; verl uses 0.01)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping (not in the paper; verl's 1.0)")
     prefix_start: int = _f(1, "L_train at step 0 (tokens)")
     delta: int = _f(256, "L_train grows by this after every update; 0 = fixed prefix")
     max_new_tokens: int = _f(16384, "cap on rollout length (and on L_train)")
@@ -158,7 +166,9 @@ def init_dist():
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **kw)
+        # Ranks wait in collectives while one works alone (rank 0 loading / saving models, the slowest rank sampling
+        # 16k-token rollouts): far past NCCL's default 10-minute watchdog on the paper's models.
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(hours=2), **kw)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", **kw)
@@ -266,9 +276,17 @@ def load_tokenizers(cfg: Config):
     if tok.get_vocab() != ttok.get_vocab():
         raise UsageError(f"student {cfg.student} and teacher {cfg.teacher} have different vocabularies; "
                          "OPD needs one tokenizer: pick models of one family")
-    if tok.chat_template != ttok.chat_template:
-        raise UsageError(f"student {cfg.student} and teacher {cfg.teacher} have different chat templates; "
-                         "copy the teacher's chat_template into the student's tokenizer_config.json")
+    # Both models are fed the prompt rendered once with the student's template: the teacher must see its own format.
+    # Compared rendered, not as template source (a Base model's template may differ in comments or input checks).
+    from jinja2 import TemplateError
+    why = ""
+    try:
+        same = all(chat_prompt(tok, q) == chat_prompt(ttok, q) for q in ("What is 1 + 1?", "Find $x$ if $x^2 = 4$."))
+    except (ValueError, TypeError, TemplateError) as e:  # no template at all, or one that fails to render
+        same, why = False, f" ({type(e).__name__}: {e})"
+    if not same:
+        raise UsageError(f"student {cfg.student} and teacher {cfg.teacher} render prompts differently{why}; copy the "
+                         "teacher's chat_template into the student's tokenizer_config.json")
     return tok
 
 
@@ -444,7 +462,9 @@ class VLLMSampler:
         self.llm, self.stop = LLM(**kw), stop
 
     def load_weights(self, buckets):
-        if self.cuda:
+        if self.cuda:  # what PyTorch's allocator keeps cached from training, vLLM's pool cannot use: give it back
+            gc.collect()
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc(_vllm_start)
         for bucket in buckets:  # in-process: the tensors go by reference
@@ -462,7 +482,7 @@ class VLLMSampler:
     def generate(self, prompt_ids, n, max_tokens, seed):
         from vllm import SamplingParams
         # One seed per prompt (vLLM gives the n samples seed+0..n-1): reproducible rollouts, also after a resume.
-        sps = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=max_tokens, logprobs=0,
+        sps = [SamplingParams(n=n, temperature=TEMPERATURE, top_p=1.0, top_k=0, max_tokens=max_tokens, logprobs=0,
                               stop_token_ids=self.stop, seed=seed + i * n) for i in range(len(prompt_ids))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sps, use_tqdm=False)
         rollouts = [(list(o.token_ids), [next(iter(d.values())).logprob for d in o.logprobs], o.finish_reason == "length")
@@ -498,7 +518,7 @@ class HFSampler:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
         out = self.model.generate(ids, attention_mask=mask,
-                                  do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
+                                  do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
                                   num_return_sequences=n, output_logits=True, return_dict_in_generate=True,
                                   pad_token_id=self.pad_id, eos_token_id=self.stop)
         tokens = out.sequences[:, width:]
@@ -519,7 +539,8 @@ def sampling_seed(cfg: Config, stream: int, index: int) -> int:
 
 
 def schedule(cfg: Config, step: int) -> int:
-    """L_train for this step (paper §3): prefix_start, growing by delta per update, capped at max_new_tokens."""
+    """L_train for this step (paper §3): prefix_start, growing by delta per update, capped at max_new_tokens.
+    A function of the step alone (so a resume lands on the same L): a skipped, non-finite update moves L on too."""
     if cfg.full or cfg.window or cfg.tail:
         return cfg.max_new_tokens  # untruncated rollouts
     return flops.prefix_len(step, cfg.prefix_start, cfg.delta, cfg.max_new_tokens)
@@ -573,14 +594,15 @@ def train_step(cfg, student, teacher, kernels, seqs, logp_sampler, scale, pad_id
     teacher_lp = []
     with torch.no_grad():
         for g in groups:
-            teacher_lp.append(forward(teacher, [seqs[i] for i in g] or [dummy], pad_id, device, token_logprobs)[0])
+            teacher_lp.append(forward(teacher, [seqs[i] for i in g] or [dummy], pad_id, device, token_logprobs,
+                                      TEMPERATURE)[0])
     t_teacher = time.perf_counter() - t0
     for g, lp_t in zip(groups, teacher_lp):
         batch = [seqs[i] for i in g] or [dummy]
         lp_s = (torch.cat([torch.tensor(logp_sampler[i]) for i in g]) if g else torch.zeros(1)).to(device)
         mask = torch.cat([torch.tensor(token_mask(cfg, len(seqs[i][1]))) for i in g]) if g else torch.zeros(1)
         mask = mask.to(device)
-        loss, st = forward(student, batch, pad_id, device, opd_loss, lp_s, lp_t, mask, scale)
+        loss, st = forward(student, batch, pad_id, device, opd_loss, lp_s, lp_t, mask, scale, TEMPERATURE)
         loss.backward()
         if g:  # st already holds logp, entropy, ratio and kl per token
             stats.append(dict(st, logp_sampler=lp_s, mask=mask,
@@ -828,11 +850,12 @@ def main(argv=None):
 
     acc = {}
     if heldout and start == 0:
-        sync_sampler()
-        if cfg.eval_teacher:
+        if cfg.eval_teacher:  # before the sampler wakes: an unsharded teacher copy next to it may not fit
             teacher_sampler = HFSampler(cfg.teacher, device, pad_id, stop)
             acc["teacher"] = heldout_accuracy(teacher_sampler, tok, heldout, cfg, 0, device)
             del teacher_sampler
+            gc.collect()
+        sync_sampler()
         acc["student_before"] = heldout_accuracy(sampler, tok, heldout, cfg, 1, device)
         log0("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         if rank == 0:  # now, so that a resumed run still has them

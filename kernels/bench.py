@@ -104,9 +104,19 @@ def methods(args, dev):
         loss.backward()
         return loss
 
+    def cublas_path(fn):  # ours with GEMM 1 in cuBLAS and the row pass in its own kernel (the A/B of the epilogue)
+        def call(*a):
+            fused.GEMM_EPILOGUE = False
+            try:
+                return fn(*a)
+            finally:
+                fused.GEMM_EPILOGUE = True
+        return call
+
     out = {
         "cublas_gemm": (lambda h, w, y, c, opd: torch.mm(h, w.t()), None),
         "ours": (ours_fwd, ours_fb),
+        "ours_cublas+row": (cublas_path(ours_fwd), cublas_path(ours_fb)),
         "ours_tl(4gemm)": (None, ours_tl_fb),
         "torch": (torch_fwd, torch_fb),
     }
@@ -242,11 +252,19 @@ def row_kernel_sweep(V, dev, rows=2048):
                   f"{rows * V * nbytes / ms / 1e6:6.0f} GB/s")
 
 
+def tuned(kernel):
+    """The launch config autotuning picked for kernel (its last key), in one line."""
+    c = getattr(kernel, "best_config", None)
+    return "not tuned yet" if c is None else \
+        " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" warps={c.num_warps} stages={c.num_stages}"
+
+
 def breakdown(V, H, T, dev):
     """Where ours' fwd+bwd time goes at T tokens: each step of one chunk timed alone, on the data ours
-    sees (GEMMs 2 and 3 read the row kernel's e', GEMM 3's alpha h sits in the strided scratch), times
+    sees (GEMMs 2 and 3 read the epilogue's e', GEMM 3's alpha h sits in the strided scratch), times
     the number of chunks, next to the 3-GEMM floor (sum over chunks of GEMM 1 alone is not the floor:
-    the floor is one T-row GEMM; small chunks lose there too). Reference rows show the alternatives."""
+    the floor is one T-row GEMM; small chunks lose there too). Reference rows show the alternatives
+    (the cuBLAS + row-kernel path among them)."""
     import triton.testing
     dt = torch.bfloat16
     C = fused._chunk_rows(V, dt, T)
@@ -259,45 +277,63 @@ def breakdown(V, H, T, dev):
     o = torch.zeros(9, C, device=dev)  # c, logp, ent, lse2, alpha, bad, ls, lt, m
     o[7] = -0.5
     o[8] = 1
+    NT = -(-V // fused.EPI_BN_MIN)
+    part = torch.zeros(2, C, NT, device=dev)
     dh32 = torch.empty(C, H, device=dev)
     ha = dh32.view(dt)[:, :H]  # as in _head_pass: alpha h in the first half of each fp32 scratch row
     ha_c = torch.empty(C, H, device=dev, dtype=dt)
     acc = torch.zeros(V, H, device=dev)
+    hw = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1))
     torch.mm(h, w.t(), out=x)
     x0 = x.clone()
 
+    def target():
+        fused._target_kernel[(C,)](*hw, y, o[0], H, fused.LOG2E, BLOCK_H=1024)
+
+    def combine():
+        fused._combine_kernel[(C,)](part, part.stride(1), part.stride(0), NT, x, x.stride(0), y, o[0], o[0], *o[1:],
+                                    V, 1.0, 1e-3, FUSED_GRAD=True, BLOCK_T=1024, BLOCK=1024)
+
     def row():
-        fused._fwd_kernel[(C,)](x, x.stride(0), y, *o, h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1),
-                                H, V, fused.LOG2E, 1.0, 1e-3, FUSED_GRAD=True, EXACT_Y=True, GIVEN_C=False,
-                                BLOCK_H=1024)
-    row()
-    e0 = x.clone()  # what GEMMs 2 and 3 read in ours: e' = 2^(u - c), mostly tiny
+        fused._fwd_kernel[(C,)](x, x.stride(0), y, *o, *hw, H, V, fused.LOG2E, 1.0, 1e-3, FUSED_GRAD=True,
+                                EXACT_Y=True, GIVEN_C=False, BLOCK_H=1024)
 
     def row_again():
         x.copy_(x0)  # the kernel overwrites x; the copy is timed separately and subtracted
         row()
+    target()
+    fused._gemm_epi(h, w, x, o[0], part, fused.LOG2E, fused.SUMS, store_e=True)
+    combine()
+    e0 = x.clone()  # what GEMMs 2 and 3 read in ours: e' = 2^(u - c), mostly tiny
     steps = [  # (what, call, chunks it runs for in ours: n, 1 (once per call) or 0 (reference))
-        ("GEMM 1  x = h W^T (bf16 out)", lambda: torch.mm(h, w.t(), out=x), n),
-        ("row kernel (fused grad), copy subtracted", row_again, n),
+        ("target logit u_y (fp32 dot)", target, n),
+        ("zero the partial sums", part.zero_, n),
+        ("GEMM 1 + epilogue (sums, e' stored)", lambda: fused._gemm_epi(h, w, x, o[0], part, fused.LOG2E,
+                                                                        fused.SUMS, store_e=True), n),
+        ("combine (per row: sums -> logp, alpha, x[y])", combine, n),
+        ("GEMM 1 + epilogue, forward only (sums)", lambda: fused._gemm_epi(h, w, None, o[0], part, fused.LOG2E,
+                                                                           fused.SUMS), 0),
+        ("GEMM 1 cuBLAS x = h W^T (bf16 out)", lambda: torch.mm(h, w.t(), out=x), 0),
+        ("row kernel (fused grad), copy subtracted", row_again, 0),
         ("copy x (read + write: the row kernel's floor)", lambda: x.copy_(x0), 0),
         ("GEMM 2  e' W (fp32 out)", lambda: fused._mm32(e0, w, dh32), n),
-        ("GEMM 2  on the logits instead of e' (fp32 out)", lambda: fused._mm32(x0, w, dh32), 0),
         ("GEMM 2  e' W (bf16 out)", lambda: torch.mm(e0, w), 0),
-        ("dh rows * alpha, h * alpha", lambda: (torch.mul(dh32, o[4][:, None], out=ha_c),
-                                                torch.mul(h, o[4][:, None], out=ha)), n),
+        ("dh rows * alpha, h * alpha", lambda: (fused._scale_cast(dh32, o[4], ha_c), fused._scale_cast(h, o[4], ha)), n),
         ("GEMM 3  acc += e'^T (alpha h), strided scratch", lambda: fused._acc_dw(acc, e0, ha, first=False), n),
         ("GEMM 3  same, alpha h contiguous", lambda: fused._acc_dw(acc, e0, ha_c, first=False), 0),
         ("GEMM 3  e'^T h (bf16 out, no accumulate)", lambda: torch.mm(e0.t(), h), 0),
         ("dW: fp32 accumulator -> bf16 (once)", lambda: fused._grad_weight(acc.clone(), None, dt), 1),
         ("  (its clone, subtracted)", lambda: acc.clone(), 0),
     ]
-    ms = [triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") for _, f, _ in steps]
-    ms[1] -= ms[2]
-    ms[-2] -= ms[-1]
+    ms = {what: triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") for what, f, _ in steps}
+    ms["row kernel (fused grad), copy subtracted"] -= ms["copy x (read + write: the row kernel's floor)"]
+    ms["dW: fp32 accumulator -> bf16 (once)"] -= ms["  (its clone, subtracted)"]
     floor = triton.testing.do_bench(lambda: torch.mm(hs, w.t()), warmup=10, rep=40, return_mode="median")
-    print(f"\nbreakdown of ours fwd+bwd, T={T}, H={H}: {n} chunks of <= {C} rows; ms per chunk, x {n}:")
-    total = sum(k * v for v, (_, _, k) in zip(ms, steps))
-    for v, (what, _, k) in zip(ms, steps):
+    print(f"\nbreakdown of ours fwd+bwd, T={T}, H={H}: {n} chunks of <= {C} rows; ms per chunk, x {n}; GEMM 1 + "
+          f"epilogue: {tuned(fused._gemm_epi_kernel)}:")
+    total = sum(k * ms[what] for what, _, k in steps)
+    for what, _, k in steps:
+        v = ms[what]
         print(f"  {what:48s} {v:7.3f} ms  x{k} = {k * v:7.2f} ms" if k else
               f"  {what:48s} {v:7.3f} ms  (for reference)")
     print(f"  {'sum':48s} {'':7s}          = {total:7.2f} ms;  3-GEMM floor {3 * floor:.2f} ms "
@@ -361,7 +397,7 @@ def profile(V, H, T, dev, mod=fused, label="ours"):
 
 
 def gemm_sweep(V, Hs, dev, out):
-    """TFLOP/s of the three GEMMs at each chunk size C (rows): which C the GPU likes. Output tiles come in
+    """TFLOP/s of the three GEMMs (and of GEMM 1 with our epilogue) at each chunk size C (rows): which C the GPU likes. Output tiles come in
     waves over the SMs, so a C a little too large for a whole wave can cost more than it saves.
     GEMM 2 is also timed split in two along V (a batched GEMM + a sum): twice the tiles, for when its
     C x H output is too few tiles to fill the GPU. Writes gemm_sweep.csv."""
@@ -369,7 +405,8 @@ def gemm_sweep(V, Hs, dev, out):
     dt, rows, split_ok = torch.bfloat16, [], None if V % 2 == 0 else False
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"\nGEMMs of one chunk vs its row count C (bf16, V={V}, {sms} SMs), TFLOP/s:")
-    print(f"{'H':>5s} {'C':>5s} {'GEMM1 hW^T':>11s} {'GEMM2 xW f32':>13s} {'GEMM2 split2':>13s} {'GEMM3 +=x^Th':>13s}")
+    print(f"{'H':>5s} {'C':>5s} {'GEMM1 hW^T':>11s} {'GEMM1+epi':>10s} {'GEMM2 xW f32':>13s} {'GEMM2 split2':>13s} "
+          f"{'GEMM3 +=x^Th':>13s}")
     for H in Hs:
         g = torch.Generator(device=dev).manual_seed(2)
         w = (torch.randn(V, H, device=dev, generator=g) / math.sqrt(H)).to(dt)
@@ -380,7 +417,11 @@ def gemm_sweep(V, Hs, dev, out):
             torch.mm(h, w.t(), out=x)
             x.mul_(1e-3)
             o32 = torch.empty(C, H, device=dev)
-            calls = [lambda: torch.mm(h, w.t(), out=x), lambda: fused._mm32(x, w, o32)]
+            shift = torch.zeros(C, device=dev)  # logits have std 1 here: 2^u stays in range
+            part = torch.zeros(2, C, -(-V // fused.EPI_BN_MIN), device=dev)
+            calls = [lambda: torch.mm(h, w.t(), out=x),
+                     lambda: fused._gemm_epi(h, w, x, shift, part, fused.LOG2E, fused.SUMS, store_e=True),
+                     lambda: fused._mm32(x, w, o32)]
             def split2():  # [2, C, V/2] @ [2, V/2, H] -> [2, C, H], summed: split-K by hand
                 return torch.bmm(x.view(C, 2, V // 2).transpose(0, 1), w.view(2, V // 2, H),
                                  out_dtype=torch.float32).sum(0)
@@ -395,8 +436,8 @@ def gemm_sweep(V, Hs, dev, out):
             calls.append(lambda: fused._acc_dw(acc, x, h, first=False))
             tf = [2 * C * V * H / triton.testing.do_bench(f, warmup=5, rep=25, return_mode="median") / 1e9
                   if f else float("nan") for f in calls]
-            rows.append(dict(H=H, C=C, gemm1=tf[0], gemm2=tf[1], gemm2_split2=tf[2], gemm3=tf[3]))
-            print(f"{H:5d} {C:5d} {tf[0]:11.0f} {tf[1]:13.0f} {tf[2]:13.0f} {tf[3]:13.0f}", flush=True)
+            rows.append(dict(H=H, C=C, gemm1=tf[0], gemm1_epi=tf[1], gemm2=tf[2], gemm2_split2=tf[3], gemm3=tf[4]))
+            print(f"{H:5d} {C:5d} {tf[0]:11.0f} {tf[1]:10.0f} {tf[2]:13.0f} {tf[3]:13.0f} {tf[4]:13.0f}", flush=True)
         del w, acc
     write_csv(rows, os.path.join(out, "gemm_sweep.csv"))
 
@@ -482,7 +523,7 @@ def main():
 
 
 def diagnose(V, Hs, T, dev, out, sweeps=True, vs=None):
-    print("\nautotuned row kernel:", getattr(fused._fwd_kernel, "best_config", None))
+    print(f"\nautotuned: row kernel {tuned(fused._fwd_kernel)}; GEMM 1 + epilogue {tuned(fused._gemm_epi_kernel)}")
     diags = [lambda H=H: (profile(V, H, T, dev), vs and profile(V, H, T, dev, vs, "vs"), breakdown(V, H, T, dev))
              for H in Hs]
     if sweeps:

@@ -1,13 +1,25 @@
-"""Fused LM-head log-probs, entropy and the OPD importance-sampling loss (cuBLAS + one Triton kernel).
+"""Fused LM-head log-probs, entropy and the OPD importance-sampling loss (Triton GEMM + epilogue, cuBLAS).
 
 Nothing of shape [N, V] is ever in memory: tokens go through in chunks of C rows (a <= 832 MiB
 buffer; 6 chunks of <= 2752 rows for 16384 tokens at V = 151936 in bf16). For one chunk, with hidden
 h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x log2(e) / T):
 
-    x     = h @ W^T                          cuBLAS, stored in the input dtype       (GEMM 1)
-    S     = sum_v 2^(u_v - c)                ┐ one Triton program per row, ONE read of x, for a
-    logp  = ln2 (u_y - c - log2 S)  (<= 0)   │ shift c fixed before the pass: c = u_y, the target's
-    ent   = ln2 (log2 S - A / S)             ┘ own logit (A = sum_v 2^(u_v - c) (u_v - c))
+    x     = h @ W^T                          GEMM 1
+    S     = sum_v 2^(u_v - c)                ┐ the row pass, for a shift c fixed before it: c = u_y,
+    logp  = ln2 (u_y - c - log2 S)  (<= 0)   │ the target's own logit (A = sum_v 2^(u_v - c) (u_v - c))
+    ent   = ln2 (log2 S - A / S)             ┘
+
+Where the row pass runs:
+  bf16 (the training dtype): in GEMM 1's epilogue. GEMM 1 is a Triton kernel (_gemm_epi_kernel) whose
+    epilogue takes each [BM, BN] tile's row sums of 2^(u - c) and 2^(u - c)(u - c) from the fp32
+    accumulator, so x is never read back and every logit is exact in fp32 (bf16 products, fp32 sums);
+    a per-row combine adds the tiles' sums (_combine_kernel). c = u_y comes from an fp32 dot of h_t
+    and W[y_t] before GEMM 1 (_target_kernel). Forward-only (teacher scoring) stores nothing of x at all.
+  fp32 / fp16, or GEMM_EPILOGUE = False: GEMM 1 in cuBLAS, stored in the input dtype, then one Triton
+    program per row reads x once (_fwd_kernel).
+On an H100 the row kernel alone took 3.5 ms per 16384 tokens (82-85 % of a copy's bandwidth), 8 % of
+the 3-GEMM floor at H = 2048; the epilogue costs ~8 SASS instructions per logit against a mainloop of
+~2H / 4096 SM clocks per logit (`python -m kernels.sass` counts both).
 
 Why a fixed shift works: 2^(u - c) is stored in the input dtype, and bf16 / fp32 hold 2^-126..2^127
 at full relative precision. With c = u_y, S >= 1 (the target's own term) and every term that is
@@ -15,14 +27,14 @@ lost to underflow has p < 2^-126. Large terms are the risk, so a row whose S pas
 S >= 2^(max_v u_v - c), so that is every row whose target sits > 96 bits = 66 nats below the row's
 max, and no row closer than 96 - log2 V bits = 55 nats at V = 151936. Overflow to inf is flagged
 too, and below 2^96 the entropy sum A <= 96 S stays finite. Flagged rows are redone after the loop
-with c = their exact max (one more GEMM for just those rows). Testing S costs nothing in the loop,
+with c = their exact max (GEMMs of just those rows: on the epilogue path one for the max, one for the sums). Testing S costs nothing in the loop,
 where a running max would cost an instruction and a register per logit. log2 S = -logp / ln2 is
 small for likely targets, so logp keeps fp32's relative precision (a shift far from the lse, e.g.
 u_y + 64, would cost ~64 * 2^-24 absolute). fp16 has no such range, so for fp16 c is always the row
-max (one extra read of x).
+max (one extra read of x; fp16 takes the row-kernel path).
 
-bf16/fp16 logits: x is rounded to 2^-9 of its size, so z_y (size ~|z|) is off by up to ~|z| 2^-9,
-and logp with it. Every method that keeps 16-bit logits (naive torch, Liger) has this error in logp;
+16-bit logits (the row-kernel path): x is rounded to 2^-9 of its size, so z_y (size ~|z|) is off by up
+to ~|z| 2^-9, and logp with it. Every method that keeps 16-bit logits (naive torch, Liger) has this error in logp;
 in the OPD loss it also enters the gradient through ratio = exp(logp - ls) (~6e-3 relative where a
 loss linear in logp sees ~2.5e-3). The row program therefore takes u_y as an fp32 dot of h_t and
 W[y_t] (2H extra reads per row, ~3 % of the row's bytes at H = 4096) and swaps it into the sum:
@@ -36,28 +48,31 @@ opd_loss with grad. Per token t (mask weight m, sampler / teacher log-probs ls, 
 The logits gradient dx_v = (g / T)(1[v = y] - p_v) needs S, which is known only at the end of the
 row; but with p_v = e_v / S_y (e_v = 2^(u_v - c)) it is a row scale of what the pass already has:
 
-    dx = alpha * e',   alpha = -g / (T S_y),   e'_v = e_v (v != y),   e'_y = e_y16 - S
+    dx = alpha * e',   alpha = -g / (T S_y),   e'_v = e_v (v != y),   e'_y = e_y - S
 
-so the same pass overwrites x in place with e' (column y last, once S is known), and then
+so the pass that sums e also stores it in place of x (GEMM 1's epilogue, or the row program over x),
+column y last, once S is known (the combine, or the row program's end), and then
 
     dh = alpha * (e' @ W)        GEMM 2, fp32 out, scaled before its one rounding
     dW += e'^T @ (alpha * h)     GEMM 3, accumulated in fp32 across chunks
 
-Bytes per logit in the row program: one read and one write (two reads and a write when the
-gradient needed the final lse first). Backward only multiplies the saved dh, dW by the incoming
+Bytes per logit after GEMM 1: none on the epilogue path (e' is what GEMM 1 writes instead of x); one
+read and one write in the row program. Backward only multiplies the saved dh, dW by the incoming
 scalar: 3 GEMMs in all, the floor. Masked tokens (m = 0) are dropped before any work. The rounding
 of alpha * h to bf16 adds ~2^-9 relative error per element to dW's terms (measured by emulation at
 T=512, V=16384: dW error 2.3e-3 -> 2.9e-3 vs fp64; naive torch 7.8e-3).
 
 token_logprobs cannot know its upstream gradients during forward, so it saves lse and ent, and
-its backward recomputes x per chunk (4 GEMMs in all) and writes, with E = sum_v p_v z_v,
+its backward recomputes x per chunk (4 GEMMs in all) and writes (bf16: from GEMM 1's epilogue, off the
+same fp32 logits the forward summed; else a row program over x), with E = sum_v p_v z_v,
 
     dx_v = (1/T) * (g_logp (1[v = y] - p_v) - g_ent p_v (z_v - E))      (d ent / d z_v = -p_v (z_v - E))
 
 The kernels work in base 2 (exp2/log2), which is what the hardware computes. Under
-TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); they use no tl.dot. What they compile to
-on a GPU (registers, spills, instructions and bytes per load/store in the hot loop) is read on any
-machine with `python -m kernels.sass` (a test checks it).
+TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests); the interpreter's bf16 tl.dot is wrong,
+so GEMM 1 upcasts its tiles there (the same products: bf16 x bf16 is exact in fp32). What they compile
+to on a GPU (registers, spills, tensor-core instructions, instructions and bytes per load/store in the
+hot loop and the epilogue) is read on any machine with `python -m kernels.sass` (a test checks it).
 """
 import math
 import os
@@ -80,6 +95,7 @@ LOG2E = 1.0 / LN2
 # read-modify-write of the fp32 dW accumulator in GEMM 3 (8 V H bytes: ~1 ms at H = 4096 on an H200), so
 # chunks are as large as the memory target allows: peak extra <= 1 GiB + fp32 W.grad at T = 16384, H = 4096.
 CHUNK_BYTES = 832 * 2**20
+GEMM_EPILOGUE = True  # bf16: GEMM 1 in Triton with the row pass in its epilogue; False: cuBLAS + the row kernel
 
 
 @triton.jit
@@ -102,6 +118,49 @@ def _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT: tl.constexpr, BLO
         if HAS_ENT:
             dx -= c_ent * p * (u - e2) * 0.6931471805599453
         tl.store(x_row + c, dx.to(x_row.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _target_logit(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, row, y, H, BLOCK_H: tl.constexpr):
+    """h[row] . W[y] in fp32 (bf16 products are exact in fp32)."""
+    kk = tl.arange(0, BLOCK_H)
+    dot = tl.zeros([BLOCK_H], dtype=tl.float32)
+    h_row = h_ptr + row.to(tl.int64) * stride_h
+    w_row = w_ptr + y.to(tl.int64) * stride_w
+    for k0 in range(0, H, BLOCK_H):
+        k = k0 + kk
+        hv = tl.load(h_row + k * stride_hk, mask=k < H, other=0.0).to(tl.float32)
+        wv = tl.load(w_row + k * stride_wk, mask=k < H, other=0.0).to(tl.float32)
+        dot += hv * wv
+    return tl.sum(dot, 0)
+
+
+@triton.jit
+def _row_outputs(row, x_row, V, y, c, u_y, S, S_y, A, e_y, logp_ptr, ent_ptr, lse2_ptr, alpha_ptr, bad_ptr, ls_ptr,
+                 lt_ptr, m_ptr, inv_t, scale, FUSED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """A row's outputs from its sums (base 2, shift c): S = sum_v 2^(u_v - c), A = sum_v 2^(u_v - c) (u_v - c),
+    S_y = S with the target's term exact; with FUSED_GRAD, x[y] := e_y - S and the row scale alpha (or, for
+    a row to redo, x := 0 and alpha := 0)."""
+    bad = tl.log2(S) > LIMIT  # inf too
+    logp = tl.minimum(((u_y - c) - tl.log2(S_y)) * 0.6931471805599453, 0.0)
+    ent = tl.maximum(0.6931471805599453 * (tl.log2(S) - A / S), 0.0)
+    tl.store(logp_ptr + row, logp)
+    tl.store(ent_ptr + row, ent)
+    tl.store(lse2_ptr + row, c + tl.log2(S))
+    tl.store(bad_ptr + row, bad.to(tl.float32))
+    if FUSED_GRAD:
+        ls = tl.load(ls_ptr + row)
+        lt = tl.load(lt_ptr + row)
+        w = tl.load(m_ptr + row)
+        g = -scale * w * tl.exp(logp - ls) * (lt - ls)  # dloss/dlogp = -scale m ratio adv
+        if bad:  # e may hold inf: zero the row so that GEMMs 2 and 3 add nothing for it until it is redone
+            cols = tl.arange(0, BLOCK)
+            for off in range(0, V, BLOCK):
+                tl.store(x_row + off + cols, tl.zeros([BLOCK], dtype=x_row.dtype.element_ty), mask=off + cols < V)
+            tl.store(alpha_ptr + row, 0.0)
+        else:
+            tl.store(x_row + y, (e_y - S).to(x_row.dtype.element_ty))  # alpha (e_y - S) = (g / T)(1 - p_y)
+            tl.store(alpha_ptr + row, -g * inv_t / S_y)
 
 
 def _configs():
@@ -153,16 +212,7 @@ def _fwd_kernel(
     y = tl.load(y_ptr + row)
     u_y16 = tl.load(x_row + y).to(tl.float32) * k2  # the very element the pass below sums
     if EXACT_Y:  # x is bf16/fp16: redo the target logit in fp32 (see the module docstring)
-        kk = tl.arange(0, BLOCK_H)
-        dot = tl.zeros([BLOCK_H], dtype=tl.float32)
-        h_row = h_ptr + row.to(tl.int64) * stride_h
-        w_row = w_ptr + y.to(tl.int64) * stride_w
-        for k0 in range(0, H, BLOCK_H):
-            k = k0 + kk
-            hv = tl.load(h_row + k * stride_hk, mask=k < H, other=0.0).to(tl.float32)
-            wv = tl.load(w_row + k * stride_wk, mask=k < H, other=0.0).to(tl.float32)
-            dot += hv * wv
-        u_y = tl.sum(dot, 0) * k2
+        u_y = _target_logit(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, row, y, H, BLOCK_H) * k2
     else:
         u_y = u_y16
     if GIVEN_C:
@@ -187,28 +237,12 @@ def _fwd_kernel(
         if FUSED_GRAD:  # column y too (fixed below): a `col != y` mask would make every store 2 bytes wide
             tl.store(x_row + col, e.to(x_row.dtype.element_ty), mask=inb)
     S = tl.sum(s, 0)
-    bad = tl.log2(S) > LIMIT  # inf too
     e16 = tl.exp2(u_y16 - c)
     S_y = (S - e16) + tl.exp2(u_y - c)  # the sum with the target's exact logit swapped in
-    logp = tl.minimum(((u_y - c) - tl.log2(S_y)) * 0.6931471805599453, 0.0)
-    ent = tl.maximum(0.6931471805599453 * (tl.log2(S) - tl.sum(a, 0) / S), 0.0)
-    tl.store(logp_ptr + row, logp)
-    tl.store(ent_ptr + row, ent)
-    tl.store(lse2_ptr + row, c + tl.log2(S))
-    tl.store(bad_ptr + row, bad.to(tl.float32))
     if FUSED_GRAD:
-        tl.debug_barrier()  # the loop's store to x[y] (another thread's) lands before the one below
-        ls = tl.load(ls_ptr + row)
-        lt = tl.load(lt_ptr + row)
-        w = tl.load(m_ptr + row)
-        g = -scale * w * tl.exp(logp - ls) * (lt - ls)  # dloss/dlogp = -scale m ratio adv
-        if bad:  # e may hold inf: zero the row so that GEMMs 2 and 3 add nothing for it until it is redone
-            for off in range(0, V, BLOCK):
-                tl.store(x_row + off + cols, tl.zeros([BLOCK], dtype=x_row.dtype.element_ty), mask=off + cols < V)
-            tl.store(alpha_ptr + row, 0.0)
-        else:
-            tl.store(x_row + y, (e16 - S).to(x_row.dtype.element_ty))  # alpha (e16 - S) = (g / T)(1 - p_y)
-            tl.store(alpha_ptr + row, -g * inv_t / S_y)
+        tl.debug_barrier()  # the loop's store to x[y] (another thread's) lands before _row_outputs' store
+    _row_outputs(row, x_row, V, y, c, u_y, S, S_y, tl.sum(a, 0), e16, logp_ptr, ent_ptr, lse2_ptr, alpha_ptr, bad_ptr,
+                 ls_ptr, lt_ptr, m_ptr, inv_t, scale, FUSED_GRAD, BLOCK)
 
 
 @triton.autotune(configs=_configs(), key=["V", "HAS_ENT"], restore_value=["x_ptr"])
@@ -239,6 +273,136 @@ def _bwd_kernel(
         c_ent = 0.0
         e2 = 0.0
     _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT, BLOCK)
+
+
+def _gemm_configs():
+    """GEMM-1 tiles to autotune over (bf16 on sm_80 / sm_90: HGMMA 64xBNx16 from 8 warps, cp.async pipelined;
+    `python -m kernels.sass` lists what each compiles to). The interpreter gets one small tile."""
+    if INTERPRET:
+        return [triton.Config({"BM": 32, "BN": 64, "BK": 32}, num_warps=4)]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=8, num_stages=st)
+            for bm, bn, st in ((128, 256, 3), (128, 256, 4), (256, 128, 3), (128, 128, 3), (128, 128, 4))]
+
+
+EPI_BN_MIN = min(c.kwargs["BN"] for c in _gemm_configs())  # partial sums per row: one per BN columns
+
+
+@triton.jit
+def _target_kernel(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, y_ptr, c_ptr, H, k2,
+                   BLOCK_H: tl.constexpr):
+    """c[row] = u_y = k2 * (h[row] . W[y[row]]) in fp32: the shift of the epilogue path (the target's own logit)."""
+    row = tl.program_id(0)
+    y = tl.load(y_ptr + row)
+    tl.store(c_ptr + row, _target_logit(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, row, y, H, BLOCK_H) * k2)
+
+
+SUMS, MAX, DX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # what _gemm_epi_kernel's epilogue makes of a tile of logits
+
+
+# Several tiles: x and the partial results are pure outputs, so autotuning's reruns need no restore.
+@triton.autotune(configs=_gemm_configs(), key=["V", "H", "EPI", "STORE_E", "HAS_ENT"])
+@triton.heuristics({"EVEN_K": lambda a: a["H"] % a["BK"] == 0, "EVEN_N": lambda a: a["V"] % a["BN"] == 0})
+@triton.jit
+def _gemm_epi_kernel(
+    h_ptr, stride_h, stride_hk,  # [M, H] hidden states of this chunk (bf16)
+    w_ptr, stride_w, stride_wk,  # [V, H] LM head (bf16)
+    x_ptr, stride_x,  # [M, V] out (bf16): e = 2^(u - c) (SUMS with STORE_E), or dx (DX)
+    c_ptr,  # [M] fp32 per row: the shift c (SUMS: u_y from _target_kernel, or the row max), lse2 (DX)
+    part_ptr,  # [2, M, NT] fp32 out, per row and BN-column tile: SUMS: sum e, sum e (u - c); MAX: max u (plane 0)
+    stride_p, plane,  # row stride of a plane of part, and the stride between its two planes
+    y_ptr, glp_ptr, gent_ptr, ent_ptr,  # [M] targets, upstream grads of logp / entropy, entropy (read only for DX)
+    M, V, H,  # rows, vocabulary, hidden size
+    k2,  # log2(e) / T
+    inv_t,  # 1 / T
+    EPI: tl.constexpr,  # SUMS, MAX or DX
+    STORE_E: tl.constexpr,  # SUMS: also keep e (the OPD logits gradient up to its row scale) in x
+    HAS_ENT: tl.constexpr,  # DX: the entropy's gradient too
+    F32_DOT: tl.constexpr,  # the interpreter's bf16 tl.dot is wrong: upcast there (same products, exact in fp32)
+    EVEN_K: tl.constexpr,  # H % BK == 0: no mask in the K loop
+    EVEN_N: tl.constexpr,  # V % BN == 0: no column mask in the epilogue (2 of its ~8 instructions per logit)
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One [BM, BN] tile of x = h @ W^T; its epilogue works on the fp32 accumulator (u = x k2), where the
+    row kernel would have read x back from memory:
+      SUMS: the tile's row sums of e = 2^(u - c) and e (u - c), and (STORE_E) e itself in place of x;
+      MAX:  the tile's row max of u (for a row whose S overflowed, redone with c = its max);
+      DX:   token_logprobs' logits gradient, dx = (g_lp (1[v = y] - p) - g_ent p (z - E)) / T, p = 2^(u - lse2).
+    The row tiles of one column tile run back to back: W is read from HBM once per chunk, h stays in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    # out-of-range rows / columns read row 0 (no mask in the loop); their results are never stored
+    a_ptrs = h_ptr + tl.where(rm < M, rm, 0).to(tl.int64)[:, None] * stride_h + rk[None, :] * stride_hk
+    b_ptrs = w_ptr + tl.where(rn < V, rn, 0).to(tl.int64)[:, None] * stride_w + rk[None, :] * stride_wk
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(H, BK)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
+        if F32_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BK * stride_hk
+        b_ptrs += BK * stride_wk
+    rowok = rm < M
+    colok = tl.full((1, BN), 1, tl.int1) if EVEN_N else (rn < V)[None, :]
+    c = tl.load(c_ptr + rm, mask=rowok, other=0.0)[:, None]
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_x + rn[None, :]
+    if EPI == MAX:
+        tl.store(part_ptr + rm * stride_p + pid_n, tl.max(tl.where(colok, acc * k2, -float("inf")), 1), mask=rowok)
+    elif EPI == SUMS:
+        d = acc * k2 - c
+        e = tl.where(colok, tl.exp2(d), 0.0)
+        tl.store(part_ptr + rm * stride_p + pid_n, tl.sum(e, 1), mask=rowok)
+        tl.store(part_ptr + plane + rm * stride_p + pid_n, tl.sum(e * tl.where(colok, d, 0.0), 1), mask=rowok)
+        if STORE_E:
+            tl.store(x_ptrs, e.to(x_ptr.dtype.element_ty), mask=rowok[:, None] & colok)
+    else:
+        u = acc * k2
+        p = tl.exp2(u - c)
+        y = tl.load(y_ptr + rm, mask=rowok, other=-1)[:, None]
+        dx = tl.load(glp_ptr + rm, mask=rowok, other=0.0)[:, None] * inv_t * (tl.where(rn[None, :] == y, 1.0, 0.0) - p)
+        if HAS_ENT:  # z - E = ln2 (u - e2), e2 = E[u] = lse2 - ent / ln2
+            e2 = c - tl.load(ent_ptr + rm, mask=rowok, other=0.0)[:, None] * 1.4426950408889634
+            dx -= tl.load(gent_ptr + rm, mask=rowok, other=0.0)[:, None] * inv_t * p * (u - e2) * 0.6931471805599453
+        tl.store(x_ptrs, dx.to(x_ptr.dtype.element_ty), mask=rowok[:, None] & colok)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, stride_p, plane, NT,  # [2, M, NT] fp32 partial sums from _gemm_epi_kernel
+    x_ptr, stride_x,  # [M, V] e from _gemm_epi_kernel  (read and written only when FUSED_GRAD)
+    y_ptr, c_ptr, uy_ptr,  # [M] target ids, fp32 shifts c, fp32 target logits u_y (c = u_y but for rows redone)
+    logp_ptr, ent_ptr, lse2_ptr, alpha_ptr, bad_ptr,  # [M] fp32 outputs, as in _fwd_kernel
+    ls_ptr, lt_ptr, m_ptr,  # [M] fp32 sampler / teacher log-probs, mask weights (read only when FUSED_GRAD)
+    V, inv_t, scale,
+    FUSED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per row: the sums over the epilogue's tiles, then _row_outputs. The sums took the target's term from
+    the same fp32 logits, so S_y = S."""
+    row = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    s = tl.zeros([BLOCK_T], dtype=tl.float32)
+    a = tl.zeros([BLOCK_T], dtype=tl.float32)
+    p_row = part_ptr + row * stride_p
+    for t0 in range(0, NT, BLOCK_T):
+        s += tl.load(p_row + t0 + t, mask=t0 + t < NT, other=0.0)
+        a += tl.load(p_row + plane + t0 + t, mask=t0 + t < NT, other=0.0)
+    S = tl.sum(s, 0)
+    c = tl.load(c_ptr + row)
+    u_y = tl.load(uy_ptr + row)
+    _row_outputs(row, x_ptr + row.to(tl.int64) * stride_x, V, tl.load(y_ptr + row), c, u_y, S, S, tl.sum(a, 0),
+                 tl.exp2(u_y - c),
+                 logp_ptr, ent_ptr, lse2_ptr, alpha_ptr, bad_ptr, ls_ptr, lt_ptr, m_ptr, inv_t, scale, FUSED_GRAD,
+                 BLOCK)
 
 
 @triton.jit
@@ -345,8 +509,28 @@ def _mm32(a, b, out):
         torch.mm(a.float(), b.float(), out=out)
 
 
-def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=False, need_dw=False):
-    """Loop over token chunks: GEMM 1, the row kernel, and (fused OPD grad) GEMMs 2 and 3.
+def _gemm_epi(h, weight, x, c, part, k2, epi, store_e=False, dx=None, inv_t=1.0):
+    """Launch _gemm_epi_kernel on the rows of h (x: [n, V] output or None; part: [2, >= n, NT] or None;
+    dx: None or (targets, g_logp, g_ent or None, ent) for the DX epilogue)."""
+    n, H = h.shape
+    V = weight.shape[0]
+    xo = h if x is None else x  # unwritten when None
+    y, glp, gent, ent = dx if dx is not None else (c, c, None, c)  # unread unless DX
+    po = part if part is not None else c.view(1, 1, -1)  # unread for DX
+    _gemm_epi_kernel[lambda cfg: (triton.cdiv(n, cfg["BM"]) * triton.cdiv(V, cfg["BN"]),)](
+        h, h.stride(0), h.stride(1), weight, weight.stride(0), weight.stride(1), xo, xo.stride(0), c,
+        po, po.stride(1), po.stride(0), y, glp, glp if gent is None else gent, ent, n, V, H, k2, inv_t,
+        EPI=epi, STORE_E=store_e, HAS_ENT=gent is not None, F32_DOT=INTERPRET)
+
+
+def _epilogue(dtype):
+    """Whether GEMM 1 does the row pass in its epilogue for this dtype (module docstring): bf16 only."""
+    return dtype == torch.bfloat16 and GEMM_EPILOGUE
+
+
+def _head_pass(hs, weight, ys, temperature, chunk_rows, epi, fused=None, need_dh=False, need_dw=False):
+    """Loop over token chunks: GEMM 1 and the row pass (in GEMM 1's epilogue when epi, else the row kernel),
+    and (fused OPD grad) GEMMs 2 and 3.
 
     fused: None, or (ls, lt, m, scale) to form the OPD logits gradient in the same pass.
     Returns logp, ent, lse2 (fp32 [M]), dh ([M, H] in the input dtype or None), acc (fp32 [V, H] or None).
@@ -360,31 +544,55 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, fused=None, need_dh=Fals
     if M == 0:
         return out[0], out[1], out[2], dh, acc
     C = _chunk_rows(V, dt, M, chunk_rows)
-    buf = torch.empty(C, V, device=dev, dtype=dt)
+    # the logits chunk: forward-only on the epilogue path keeps none (a row to redo gets its own)
+    buf = torch.empty(C, V, device=dev, dtype=dt) if fused is not None or not epi else None
+    if epi:
+        NT = triton.cdiv(V, EPI_BN_MIN)
+        part = torch.empty(2, C, NT, device=dev, dtype=torch.float32)
+        uy, shift = torch.empty(2, C, device=dev, dtype=torch.float32)
     # one [C, H] scratch for GEMM 2's fp32 output, then (once that is scaled into dh) for alpha * h
     dh32 = torch.empty(C, H, device=dev, dtype=_acc_dtype(dt)) if need_dh or need_dw else None
     h_alpha = dh32.view(dt)[:, :H] if need_dw else None
     k2 = LOG2E / temperature
     ls, lt, m, scale = fused if fused is not None else (out[0], out[0], out[0], 0.0)  # unread when not fused
     fp16 = dt == torch.float16  # 2^(u - c) has no room in fp16 unless c is the row max
+    block_h = min(1024, triton.next_power_of_2(H))
 
     def chunk(rows, o, dh_rows, row_max=fp16, first=False):
         """Chunk `rows` (a slice or an index tensor of tokens) into outputs o [5, n] and dh_rows [n, H]."""
         h = hs[rows]
-        x = buf[: h.shape[0]]
-        torch.mm(h, weight.t(), out=x)
-        c = x.amax(1).float() * k2 if row_max else o[0]  # c: the shift (module docstring); o[0]: unread
-        _fwd_kernel[(h.shape[0],)](
-            x, x.stride(0), ys[rows], c, *o, ls[rows], lt[rows], m[rows],
-            h, h.stride(0), h.stride(1), weight, weight.stride(0), weight.stride(1), H,
-            V, k2, 1.0 / temperature, float(scale), FUSED_GRAD=fused is not None,
-            EXACT_Y=torch.finfo(dt).bits == 16, GIVEN_C=row_max, BLOCK_H=min(1024, triton.next_power_of_2(H)))
+        n = h.shape[0]
+        x = buf[:n] if buf is not None else None
+        hw = (h, h.stride(0), h.stride(1), weight, weight.stride(0), weight.stride(1))
+        if epi:  # GEMM 1 with the row pass in its epilogue, then the per-row combine
+            u_y = uy[:n]
+            _target_kernel[(n,)](*hw, ys[rows], u_y, H, k2, BLOCK_H=block_h)
+            c = u_y
+            if row_max:  # a row redone: c = its max, from the same fp32 logits
+                c = shift[:n]
+                part.fill_(-float("inf"))
+                _gemm_epi(h, weight, None, c, part, k2, MAX)
+                torch.amax(part[0, :n], 1, out=c)
+            part.zero_()  # a wider tile writes fewer slots than autotuning's narrower tries left behind
+            _gemm_epi(h, weight, x, c, part, k2, SUMS, store_e=fused is not None)
+            xo = h if x is None else x  # unwritten without FUSED_GRAD
+            _combine_kernel[(n,)](part, part.stride(1), part.stride(0), NT, xo, xo.stride(0), ys[rows], c, u_y, *o,
+                                  ls[rows], lt[rows], m[rows], V, 1.0 / temperature, float(scale),
+                                  FUSED_GRAD=fused is not None, BLOCK_T=min(1024, triton.next_power_of_2(NT)),
+                                  BLOCK=1024)
+        else:
+            torch.mm(h, weight.t(), out=x)
+            c = x.amax(1).float() * k2 if row_max else o[0]  # c: the shift (module docstring); o[0]: unread
+            _fwd_kernel[(n,)](
+                x, x.stride(0), ys[rows], c, *o, ls[rows], lt[rows], m[rows], *hw, H, V, k2, 1.0 / temperature,
+                float(scale), FUSED_GRAD=fused is not None, EXACT_Y=torch.finfo(dt).bits == 16, GIVEN_C=row_max,
+                BLOCK_H=block_h)
         alpha = o[3]
         if need_dh:  # dx = alpha x: scale GEMM 2's output rows, in fp32 before the one rounding
-            _mm32(x, weight, dh32[: h.shape[0]])
-            _scale_cast(dh32[: h.shape[0]], alpha, dh_rows)
+            _mm32(x, weight, dh32[:n])
+            _scale_cast(dh32[:n], alpha, dh_rows)
         if need_dw:  # ... and GEMM 3's h rows (dx^T h = x^T (alpha h))
-            _acc_dw(acc, x, _scale_cast(h, alpha, h_alpha[: h.shape[0]]), first)
+            _acc_dw(acc, x, _scale_cast(h, alpha, h_alpha[:n]), first)
 
     for r0 in range(0, M, C):
         rows = slice(r0, min(r0 + C, M))
@@ -430,9 +638,10 @@ def _grad_weight(acc, g, dtype):
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_rows):
-        logp, ent, lse2, _, _ = _head_pass(hidden, weight, targets, temperature, chunk_rows)
+        epi = _epilogue(hidden.dtype)
+        logp, ent, lse2, _, _ = _head_pass(hidden, weight, targets, temperature, chunk_rows, epi)
         ctx.save_for_backward(hidden, weight, targets, lse2, ent)
-        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.temperature, ctx.chunk_rows, ctx.epi = temperature, chunk_rows, epi  # backward: the same logits
         ctx.set_materialize_grads(False)
         return logp, ent
 
@@ -455,10 +664,14 @@ class _TokenLogprobs(torch.autograd.Function):
         for r0 in range(0, N, C):
             r1 = min(r0 + C, N)
             x = buf[: r1 - r0]
-            torch.mm(hidden[r0:r1], weight.t(), out=x)  # recompute GEMM 1
-            _bwd_kernel[(r1 - r0,)](
-                x, x.stride(0), targets[r0:r1], lse2[r0:r1], ent[r0:r1], g_logp[r0:r1], g_ent[r0:r1],
-                V, LOG2E / ctx.temperature, 1.0 / ctx.temperature, HAS_ENT=has_ent)
+            k2, inv_t = LOG2E / ctx.temperature, 1.0 / ctx.temperature
+            if ctx.epi:  # recompute GEMM 1, writing dx from its fp32 accumulator
+                _gemm_epi(hidden[r0:r1], weight, x, lse2[r0:r1], None, k2, DX, inv_t=inv_t,
+                          dx=(targets[r0:r1], g_logp[r0:r1], g_ent[r0:r1] if has_ent else None, ent[r0:r1]))
+            else:  # recompute GEMM 1, then dx in place
+                torch.mm(hidden[r0:r1], weight.t(), out=x)
+                _bwd_kernel[(r1 - r0,)](x, x.stride(0), targets[r0:r1], lse2[r0:r1], ent[r0:r1], g_logp[r0:r1],
+                                        g_ent[r0:r1], V, k2, inv_t, HAS_ENT=has_ent)
             if need_dh:
                 torch.mm(x, weight, out=dh[r0:r1])
             if need_dw:
@@ -478,7 +691,7 @@ class _OPDLoss(torch.autograd.Function):
         ls_c, lt_c, w_c = sel(ls), sel(lt), sel(w)
         fused = (ls_c, lt_c, w_c, scale) if (need_dh or need_dw) else None
         logp_c, ent_c, _, dh, acc = _head_pass(sel(hidden), weight, sel(targets), temperature, chunk_rows,
-                                               fused, need_dh, need_dw)
+                                               _epilogue(hidden.dtype), fused, need_dh, need_dw)
         ratio_c = torch.exp(logp_c - ls_c)
         kl = ls - lt
         loss = scale * (w_c * ratio_c * (ls_c - lt_c)).sum()  # = -scale * sum m ratio adv, adv = -kl

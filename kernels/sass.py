@@ -2,9 +2,10 @@
 
     python -m kernels.sass              # sm_90 (H100 / H200): one line per kernel variant and launch config
     python -m kernels.sass --arch 80    # A100
-    python -m kernels.sass --check      # exit 1 unless every variant compiles without spills and every bf16
+    python -m kernels.sass --check      # exit 1 unless every variant compiles without spills, every bf16
                                         # hot loop (and the scale-and-cast kernel) moves 16 bytes per load /
-                                        # store instruction (a test runs this)
+                                        # store instruction, and GEMM 1 + epilogue runs on the tensor cores
+                                        # (a test runs this)
 
 Triton compiles a kernel for any target without a device (its wheel ships ptxas and cuobjdump). The
 arguments are specialised the way the JIT specialises a real launch (16-aligned pointers, V = 151936,
@@ -156,10 +157,68 @@ def report(arch=90, check=False):
         if local or max(width(op) for op in ops if op.startswith("LDG")) != 16 or \
                 any(width(op) != 16 for op in ops if op.startswith("STG")):
             bad.append(f"scale-and-cast {name}: spills or loads / stores narrower than 16 B")
+    bad += gemm_report(arch)
     for b in bad:
         print("FAIL", b)
     if check and bad:
         sys.exit(1)
+
+
+# Epilogue instructions per logit allowed, per mode (SUMS, MAX, DX): at H = 2048 on an H100 the mainloop gives
+# each logit ~1 SM clock, in which the SM issues 128 instructions; 12 is ~9 % of that when nothing overlaps it.
+EPI_BUDGET = {0: 12, 1: 12, 2: 24}
+
+
+def gemm_report(arch, M=2752):
+    """GEMM 1 with the row pass in its epilogue (fused._gemm_epi_kernel), per mode and tile config: whether the
+    mainloop runs on the tensor cores (HGMMA on sm_90, HMMA before), what the epilogue costs per logit
+    (SASS instructions after the mainloop / logits per thread: the SMs issue 128 per clock, while the mainloop
+    takes ~2H / 4096 clocks per logit on an H100, i.e. 1 at H = 2048), and the stores' width. Returns failures."""
+    import triton
+    from . import fused
+    b16, f, y = torch.empty(8, dtype=torch.bfloat16), torch.empty(8), torch.empty(8, dtype=torch.long)
+    modes = [("epi: opd grad, SUMS+e", dict(EPI=fused.SUMS, STORE_E=True, HAS_ENT=False)),
+             ("epi: fwd only, SUMS", dict(EPI=fused.SUMS, STORE_E=False, HAS_ENT=False)),
+             ("epi: redo max, MAX", dict(EPI=fused.MAX, STORE_E=False, HAS_ENT=False)),
+             ("epi: lp+ent bwd, DX", dict(EPI=fused.DX, STORE_E=False, HAS_ENT=True))]
+    args = (b16, H, 1, b16, H, 1, b16, V, f, f, 1216, M * 1216, y, f, f, f, M, V, H, 1.4427, 1.0)
+    print(f"\nGEMM 1 + epilogue (_gemm_epi_kernel) for sm_{arch}, M={M} rows, H={H}: CTAs/SM by registers and shared "
+          f"memory; epilogue instructions per logit (the mainloop costs ~{2 * H / 4096:.0f} SM clock per logit on an "
+          f"H100, the epilogue instr / 128)")
+    print(f"{'mode':<24} {'BMxBNxBK':>11} {'warps':>5} {'st':>2} {'regs':>4} {'spill':>5} {'CTA/SM':>6} {'MMA op':<26} "
+          f"{'epi/logit':>9} {'st B':>4}")
+    bad = []
+    for name, kw in modes:
+        for cfg in fused._gemm_configs():
+            k = cfg.kwargs
+            sass, regs, local = compile_sass(fused._gemm_epi_kernel.fn.fn, cfg, args,
+                                             dict(kw, F32_DOT=False, EVEN_K=H % k["BK"] == 0,
+                                                  EVEN_N=V % k["BN"] == 0), arch)
+            ops = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)
+            mma = sorted({op for _, op in ops if op.startswith(("HGMMA", "HMMA"))})
+            loops = [(int(a, 16), int(t, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+0x([0-9a-f]+)", sass)]
+            ends = [src for src, t in loops if t < src and any(t <= int(a, 16) <= src and op in mma for a, op in ops)]
+            epi = [op for a, op in ops if ends and int(a, 16) > max(ends) and op not in ("NOP", "BRA", "EXIT")]
+            per_thread = k["BM"] * k["BN"] / (32 * cfg.num_warps)
+            smem = cfg.num_stages * (k["BM"] + k["BN"]) * k["BK"] * 2
+            ctas = min(resident(regs, cfg.num_warps), 232448 // smem)
+            stw = [width(op) for op in epi if op.startswith("STG")]
+            wide = max(stw) if stw else 0
+            print(f"{name:<24} {k['BM']:>3}x{k['BN']}x{k['BK']:<3} {cfg.num_warps:>5} {cfg.num_stages:>2} {regs:>4} "
+                  f"{local:>5} {ctas:>6} {','.join(mma)[:26]:<26} {len(epi) / per_thread:>9.1f} {wide:>4}")
+            what = f"GEMM epilogue {name} {k['BM']}x{k['BN']}x{k['BK']} warps={cfg.num_warps} stages={cfg.num_stages}"
+            if local:
+                bad.append(f"{what}: {local} bytes of spills")
+            if not mma or (arch >= 90 and not mma[0].startswith("HGMMA")):
+                bad.append(f"{what}: the mainloop is not on the tensor cores ({mma or 'no MMA'})")
+            if not ctas:
+                bad.append(f"{what}: does not fit on an SM")
+            budget = EPI_BUDGET[int(kw["EPI"])]
+            if len(epi) / per_thread > budget:
+                bad.append(f"{what}: {len(epi) / per_thread:.1f} epilogue instructions per logit (budget {budget})")
+            if (kw["STORE_E"] or kw["EPI"] == fused.DX) and wide != 16:
+                bad.append(f"{what}: x is stored {wide} bytes at a time (want 16)")
+    return bad
 
 
 def main():

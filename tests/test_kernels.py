@@ -94,8 +94,20 @@ CASES = [  # N, V, H, dtype, temperature, chunk_rows
 ] + ([(300, 33001, 128, BF16, 1.0, None), (300, 33001, 128, FP32, 0.7, 128)] if CUDA else [])  # several blocks
 
 
-@pytest.mark.parametrize("N,V,H,dtype,temp,chunk", CASES)
-def test_token_logprobs_vs_fp64(N, V, H, dtype, temp, chunk):
+def paths(cases):
+    """Each case on the path its dtype takes (epi: bf16's GEMM-1 epilogue), and bf16 cases once more on the
+    cuBLAS + row-kernel path (fused.GEMM_EPILOGUE = False: the fallback, and the bench's A/B)."""
+    return [c + (c[3] == BF16,) for c in cases] + [c + (False,) for c in cases if c[3] == BF16]
+
+
+@pytest.fixture
+def epi(request, monkeypatch):
+    monkeypatch.setattr(fused, "GEMM_EPILOGUE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("N,V,H,dtype,temp,chunk,epi", paths(CASES), indirect=["epi"])
+def test_token_logprobs_vs_fp64(N, V, H, dtype, temp, chunk, epi):
     h, w, y = make(N, V, H, dtype)
     up = (torch.randn(N, device=DEV), torch.randn(N, device=DEV))  # grads of logp and of entropy
     (lp, en), dh, dw = run(lambda a, b: fused.token_logprobs_triton(a, b, y, temp, chunk_rows=chunk), h, w,
@@ -113,8 +125,9 @@ def test_token_logprobs_vs_fp64(N, V, H, dtype, temp, chunk):
 
 
 @pytest.mark.parametrize("mask_kind", ["ones", "zeros", "random"])
-@pytest.mark.parametrize("N,V,H,dtype,temp,chunk", [CASES[1], CASES[2], CASES[3]] + CASES[5:])
-def test_opd_loss_vs_fp64(N, V, H, dtype, temp, chunk, mask_kind):
+@pytest.mark.parametrize("N,V,H,dtype,temp,chunk,epi", paths([CASES[1], CASES[2], CASES[3]] + CASES[5:]),
+                         indirect=["epi"])
+def test_opd_loss_vs_fp64(N, V, H, dtype, temp, chunk, epi, mask_kind):
     h, w, y = make(N, V, H, dtype, seed=1)
     with torch.no_grad():
         lp_true, _ = ref.token_logprobs_ref(h, w, y, temp)
@@ -150,16 +163,18 @@ def test_opd_loss_vs_fp64(N, V, H, dtype, temp, chunk, mask_kind):
     on = mask > 0
     assert (stats["logp"][~on] == 0).all() and (stats["ratio"][~on] == 0).all()
     assert (stats["logp"] <= 0).all()
-    tol = 1e-4 if dtype == FP32 else 0.1  # bf16 logits round to ~2^-9 of |logit|
+    tol = 1e-4 if dtype == FP32 or epi else 0.1  # the epilogue sees fp32 logits; stored bf16 ones round by 2^-9
     for k in ("logp", "entropy", "ratio", "kl"):
         assert stats[k].dtype == FP32 and stats[k].shape == (N,) and not stats[k].requires_grad
         assert torch.allclose(stats[k].double(), stats64[k], atol=tol, rtol=tol), k
 
 
+@pytest.mark.parametrize("epi", [True, False], indirect=True)
 @pytest.mark.parametrize("peaked", [False, True])
-def test_bf16_target_logit_is_exact(peaked):
+def test_bf16_target_logit_is_exact(peaked, epi):
     """bf16 logits put an error of ~|z_y| 2^-9 into logp (and, in the OPD loss, into the gradient via
-    the ratio); the kernel redoes z_y as an fp32 dot, so its logp error must be far below torch's.
+    the ratio); the kernel takes z_y from an fp32 dot (epi: all logits are GEMM 1's fp32 accumulator),
+    so its logp error must be far below torch's.
     peaked: the target holds nearly all the mass (p_y ~ 1), where the lse must move with z_y."""
     N, V, H = 256, 1007, 256
     h, w, y = make(N, V, H, BF16, logit_std=2.0, seed=3)  # mass spread: z_y's rounding dominates torch's error
@@ -224,8 +239,8 @@ def test_opd_loss_hand_computed(temp):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rows past the shift's range, then redone
-@pytest.mark.parametrize("dtype", [BF16, FP32])
-def test_extreme_logits(dtype):
+@pytest.mark.parametrize("dtype,epi", [(BF16, True), (BF16, False), (FP32, False)], indirect=["epi"])
+def test_extreme_logits(dtype, epi):
     """Logits up to about +-80 (and /0.7): no inf/NaN, logp <= 0, entropy >= 0, errors like torch's."""
     N, V, H = 37, 1007, 64
     h, w, y = make(N, V, H, dtype, logit_std=30.0, seed=2)
@@ -247,8 +262,8 @@ def test_extreme_logits(dtype):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter says so for the rows redone
-@pytest.mark.parametrize("dtype", [BF16, FP32])
-def test_opd_loss_far_targets_are_redone(dtype):
+@pytest.mark.parametrize("dtype,epi", [(BF16, True), (BF16, False), (FP32, False)], indirect=["epi"])
+def test_opd_loss_far_targets_are_redone(dtype, epi):
     """Targets ~300 nats below their row's max overflow the kernel's fixed shift c = u_y (the target's
     logit): those rows must be flagged, redone with c = the row max, and land exactly where the rest would."""
     N, V, H = 24, 1007, 64
@@ -278,8 +293,8 @@ def test_opd_loss_far_targets_are_redone(dtype):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("dtype", [BF16, FP32])
-def test_opd_loss_across_the_redo_threshold(dtype):
+@pytest.mark.parametrize("dtype,epi", [(BF16, True), (BF16, False), (FP32, False)], indirect=["epi"])
+def test_opd_loss_across_the_redo_threshold(dtype, epi):
     """Targets 0..120 nats below the row max, across the band (55-66 nats at this V: S passes 2^96) where
     rows switch from the shift c = u_y to a redo with c = the row max: logp, dh and dW stay right on both
     sides. W = identity makes the kernel's logits exactly h, so what is left is the kernel's own error."""
@@ -336,11 +351,13 @@ NO_INTERPRETER = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
 def test_row_kernels_compile_lean_for_h100():
     """What the interpreter cannot see: every row kernel variant and launch config builds for sm_90 (Triton +
     ptxas, no GPU needed) without spills, each bf16 hot loop moving 16 bytes per load / store instruction at
-    <= 20 instructions per logit; the scale-and-cast kernel's data moves 16 bytes at a time too."""
+    <= 20 instructions per logit; the scale-and-cast kernel's data moves 16 bytes at a time too; GEMM 1 with
+    its epilogue builds in every mode and tile config with HGMMA (tensor core) mainloops and 16-byte stores."""
     r = subprocess.run([sys.executable, "-m", "kernels.sass", "--check"], cwd=ROOT, env=NO_INTERPRETER,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("opd_loss grad") == 18 and "FAIL" not in r.stdout  # bf16, fp16, fp32 x 6 configs
+    assert r.stdout.count(" HGMMA.64x") == 4 * 5, r.stdout[-3000:]  # GEMM 1 + epilogue: 4 modes x 5 tile configs
 
 
 def test_sass_check_sees_narrow_stores(tmp_path):
@@ -371,6 +388,18 @@ def test_sass_check_sees_narrow_stores(tmp_path):
                        env=dict(NO_INTERPRETER, PYTHONPATH=ROOT), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split("\n")[:2] == ["True 16.0 2.0", "False 16.0 16.0"], r.stdout
+
+
+def test_bench_breakdown_runs(monkeypatch, capsys):
+    """The bench's step-by-step breakdown (GPU diagnostics) runs through on tiny sizes, every step launched
+    once with its real arguments: a GPU session must not find a wrong call there."""
+    import triton.testing
+    from kernels import bench
+    launched = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda f, **kw: (f(), launched.append(f), 1.0)[-1])
+    bench.breakdown(1007, 64, 96, torch.device(DEV))
+    out = capsys.readouterr().out
+    assert len(launched) == 17 and "GEMM 1 + epilogue: BM=" in out and "3-GEMM floor" in out, out
 
 
 def test_bench_tiny_runs(tmp_path):

@@ -136,7 +136,7 @@ def bad_inputs(tmp_path):
         (models + ["--data", str(bad_json)], "bad.jsonl:2: not valid JSON"),
         (models + ["--data", str(no_q)], "no prompt/question/problem field"),
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(other_tok), "--data", str(embedded.TRAIN_FILE)],
-         "different chat templates"),
+         "render prompts differently"),
         (good + ["--resume"], "no checkpoint in"),
         (models + ["--data", str(not_obj)], "expected a JSON object"),
         (good + ["--heldout", str(bad_heldout), "--eval-n", "1"], "row 1: --heldout needs a question"),
@@ -149,6 +149,28 @@ def bad_inputs(tmp_path):
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(qwen), "--data", str(embedded.TRAIN_FILE)],
          "different vocabularies"),
     ]
+
+
+def test_teacher_template_is_compared_as_rendered(tmp_path):
+    """What both models must share is the rendered prompt: a teacher whose template source differs only in a
+    comment is accepted (a Base / instruct pair may differ so); one that renders another prompt is refused."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(embedded.TEACHER_DIR, teacher)
+    tc = json.loads((teacher / "tokenizer_config.json").read_text())
+    jinja = teacher / "chat_template.jinja"
+    template = jinja.read_text() if jinja.exists() else tc["chat_template"]
+    jinja.unlink(missing_ok=True)
+    cfg = opd.Config(student=str(embedded.STUDENT_DIR), teacher=str(teacher))
+    for text, ok in (("{#- a comment -#}" + template, True), (template.replace("<|im_start|>", "<|im_end|>"), False)):
+        assert text != template
+        tc["chat_template"] = text
+        (teacher / "tokenizer_config.json").write_text(json.dumps(tc))
+        if ok:
+            assert opd.load_tokenizers(cfg).get_vocab() == opd.load_tokenizers(
+                dataclasses.replace(cfg, teacher=str(embedded.TEACHER_DIR))).get_vocab()
+        else:
+            with pytest.raises(opd.UsageError, match="render prompts differently"):
+                opd.load_tokenizers(cfg)
 
 
 def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
