@@ -104,19 +104,25 @@ def methods(args, dev):
         loss.backward()
         return loss
 
-    def cublas_path(fn):  # ours with GEMM 1 in cuBLAS and the row pass in its own kernel (the A/B of the epilogue)
+    def path(fn, **flags):  # ours on another path: fused.GEMM_EPILOGUE / GEMM_TMA set for the call
         def call(*a):
-            fused.GEMM_EPILOGUE = False
+            old = {k: getattr(fused, k) for k in flags}
+            for k, v in flags.items():
+                setattr(fused, k, v)
             try:
                 return fn(*a)
             finally:
-                fused.GEMM_EPILOGUE = True
+                for k, v in old.items():
+                    setattr(fused, k, v)
         return call
 
     out = {
         "cublas_gemm": (lambda h, w, y, c, opd: torch.mm(h, w.t()), None),
         "ours": (ours_fwd, ours_fb),
-        "ours_cublas+row": (cublas_path(ours_fwd), cublas_path(ours_fb)),
+        # the other paths, for the A/B: GEMM 1's tiles by TMA; cuBLAS GEMM 1 and the row pass in its own kernel
+        "ours_tma" if not fused.GEMM_TMA else "ours_cp.async": (path(ours_fwd, GEMM_TMA=not fused.GEMM_TMA),
+                                                               path(ours_fb, GEMM_TMA=not fused.GEMM_TMA)),
+        "ours_cublas+row": (path(ours_fwd, GEMM_EPILOGUE=False), path(ours_fb, GEMM_EPILOGUE=False)),
         "ours_tl(4gemm)": (None, ours_tl_fb),
         "torch": (torch_fwd, torch_fb),
     }
@@ -294,6 +300,13 @@ def breakdown(V, H, T, dev):
         fused._combine_kernel[(C,)](part, part.stride(1), part.stride(0), NT, x, x.stride(0), y, o[0], o[0], *o[1:],
                                     V, 1.0, 1e-3, FUSED_GRAD=True, BLOCK_T=1024, BLOCK=1024)
 
+    def other_loads():  # the same GEMM 1 + epilogue, its mainloop fed the other way (fused.GEMM_TMA flipped)
+        fused.GEMM_TMA = not fused.GEMM_TMA
+        try:
+            fused._gemm_epi(h, w, x, o[0], part, fused.LOG2E, fused.SUMS, store_e=True)
+        finally:
+            fused.GEMM_TMA = not fused.GEMM_TMA
+
     def row():
         fused._fwd_kernel[(C,)](x, x.stride(0), y, *o, *hw, H, V, fused.LOG2E, 1.0, 1e-3, FUSED_GRAD=True,
                                 EXACT_Y=True, GIVEN_C=False, BLOCK_H=1024)
@@ -313,6 +326,7 @@ def breakdown(V, H, T, dev):
         ("combine (per row: sums -> logp, alpha, x[y])", combine, n),
         ("GEMM 1 + epilogue, forward only (sums)", lambda: fused._gemm_epi(h, w, None, o[0], part, fused.LOG2E,
                                                                            fused.SUMS), 0),
+        (f"GEMM 1 + epilogue, tiles by {'cp.async' if fused.GEMM_TMA else 'TMA'}", other_loads, 0),
         ("GEMM 1 cuBLAS x = h W^T (bf16 out)", lambda: torch.mm(h, w.t(), out=x), 0),
         ("row kernel (fused grad), copy subtracted", row_again, 0),
         ("copy x (read + write: the row kernel's floor)", lambda: x.copy_(x0), 0),
@@ -405,8 +419,8 @@ def gemm_sweep(V, Hs, dev, out):
     dt, rows, split_ok = torch.bfloat16, [], None if V % 2 == 0 else False
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"\nGEMMs of one chunk vs its row count C (bf16, V={V}, {sms} SMs), TFLOP/s:")
-    print(f"{'H':>5s} {'C':>5s} {'GEMM1 hW^T':>11s} {'GEMM1+epi':>10s} {'GEMM2 xW f32':>13s} {'GEMM2 split2':>13s} "
-          f"{'GEMM3 +=x^Th':>13s}")
+    print(f"{'H':>5s} {'C':>5s} {'GEMM1 hW^T':>11s} {'GEMM1+epi':>10s} {'+epi TMA':>9s} {'GEMM2 xW f32':>13s} "
+          f"{'GEMM2 split2':>13s} {'GEMM3 +=x^Th':>13s}")
     for H in Hs:
         g = torch.Generator(device=dev).manual_seed(2)
         w = (torch.randn(V, H, device=dev, generator=g) / math.sqrt(H)).to(dt)
@@ -419,8 +433,11 @@ def gemm_sweep(V, Hs, dev, out):
             o32 = torch.empty(C, H, device=dev)
             shift = torch.zeros(C, device=dev)  # logits have std 1 here: 2^u stays in range
             part = torch.zeros(2, C, -(-V // fused.EPI_BN_MIN), device=dev)
-            calls = [lambda: torch.mm(h, w.t(), out=x),
-                     lambda: fused._gemm_epi(h, w, x, shift, part, fused.LOG2E, fused.SUMS, store_e=True),
+            def epi(tma):
+                fused.GEMM_TMA, old = tma, fused.GEMM_TMA
+                fused._gemm_epi(h, w, x, shift, part, fused.LOG2E, fused.SUMS, store_e=True)
+                fused.GEMM_TMA = old
+            calls = [lambda: torch.mm(h, w.t(), out=x), lambda: epi(False), lambda: epi(True),
                      lambda: fused._mm32(x, w, o32)]
             def split2():  # [2, C, V/2] @ [2, V/2, H] -> [2, C, H], summed: split-K by hand
                 return torch.bmm(x.view(C, 2, V // 2).transpose(0, 1), w.view(2, V // 2, H),
@@ -436,8 +453,10 @@ def gemm_sweep(V, Hs, dev, out):
             calls.append(lambda: fused._acc_dw(acc, x, h, first=False))
             tf = [2 * C * V * H / triton.testing.do_bench(f, warmup=5, rep=25, return_mode="median") / 1e9
                   if f else float("nan") for f in calls]
-            rows.append(dict(H=H, C=C, gemm1=tf[0], gemm1_epi=tf[1], gemm2=tf[2], gemm2_split2=tf[3], gemm3=tf[4]))
-            print(f"{H:5d} {C:5d} {tf[0]:11.0f} {tf[1]:10.0f} {tf[2]:13.0f} {tf[3]:13.0f} {tf[4]:13.0f}", flush=True)
+            rows.append(dict(H=H, C=C, gemm1=tf[0], gemm1_epi=tf[1], gemm1_epi_tma=tf[2], gemm2=tf[3], gemm2_split2=tf[4],
+                             gemm3=tf[5]))
+            print(f"{H:5d} {C:5d} {tf[0]:11.0f} {tf[1]:10.0f} {tf[2]:9.0f} {tf[3]:13.0f} {tf[4]:13.0f} {tf[5]:13.0f}",
+                  flush=True)
         del w, acc
     write_csv(rows, os.path.join(out, "gemm_sweep.csv"))
 

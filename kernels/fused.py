@@ -15,6 +15,8 @@ Where the row pass runs:
     accumulator, so x is never read back and every logit is exact in fp32 (bf16 products, fp32 sums);
     a per-row combine adds the tiles' sums (_combine_kernel). c = u_y comes from an fp32 dot of h_t
     and W[y_t] before GEMM 1 (_target_kernel). Forward-only (teacher scoring) stores nothing of x at all.
+    Its mainloop takes tiles by cp.async, or by TMA descriptors with GEMM_TMA (sm_90+; which is faster is
+    for a GPU run to say: the bench times both).
   fp32 / fp16, or GEMM_EPILOGUE = False: GEMM 1 in cuBLAS, stored in the input dtype, then one Triton
     program per row reads x once (_fwd_kernel).
 On an H100 the row kernel alone took 3.5 ms per 16384 tokens (82-85 % of a copy's bandwidth), 8 % of
@@ -82,6 +84,7 @@ import torch
 import triton
 import triton.language as tl
 import triton.runtime.interpreter
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .ref import _check
 
@@ -96,6 +99,7 @@ LOG2E = 1.0 / LN2
 # chunks are as large as the memory target allows: peak extra <= 1 GiB + fp32 W.grad at T = 16384, H = 4096.
 CHUNK_BYTES = 832 * 2**20
 GEMM_EPILOGUE = True  # bf16: GEMM 1 in Triton with the row pass in its epilogue; False: cuBLAS + the row kernel
+GEMM_TMA = False  # that GEMM's tiles by TMA descriptors (sm_90+) rather than cp.async loads: not yet timed on a GPU
 
 
 @triton.jit
@@ -275,12 +279,19 @@ def _bwd_kernel(
     _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT, BLOCK)
 
 
+def _tma_blocks(nargs):
+    """With TMA, h and W come as tensor descriptors, made before autotuning picks a tile: give them its block shapes."""
+    if nargs["TMA"]:
+        nargs["h_ptr"].block_shape = [nargs["BM"], nargs["BK"]]
+        nargs["w_ptr"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
 def _gemm_configs():
-    """GEMM-1 tiles to autotune over (bf16 on sm_80 / sm_90: HGMMA 64xBNx16 from 8 warps, cp.async pipelined;
+    """GEMM-1 tiles to autotune over (bf16 on sm_80 / sm_90: HGMMA 64xBNx16 from 8 warps, cp.async or TMA pipelined;
     `python -m kernels.sass` lists what each compiles to). The interpreter gets one small tile."""
     if INTERPRET:
-        return [triton.Config({"BM": 32, "BN": 64, "BK": 32}, num_warps=4)]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=8, num_stages=st)
+        return [triton.Config({"BM": 32, "BN": 64, "BK": 32}, num_warps=4, pre_hook=_tma_blocks)]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=8, num_stages=st, pre_hook=_tma_blocks)
             for bm, bn, st in ((128, 256, 3), (128, 256, 4), (256, 128, 3), (128, 128, 3), (128, 128, 4))]
 
 
@@ -296,16 +307,25 @@ def _target_kernel(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, y_ptr
     tl.store(c_ptr + row, _target_logit(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, row, y, H, BLOCK_H) * k2)
 
 
+@triton.jit
+def _mma(a, b, acc, F32_DOT: tl.constexpr):
+    """acc + a @ b^T (a [BM, BK], b [BN, BK])."""
+    if F32_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, tl.trans(b), acc)
+
+
 SUMS, MAX, DX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # what _gemm_epi_kernel's epilogue makes of a tile of logits
 
 
 # Several tiles: x and the partial results are pure outputs, so autotuning's reruns need no restore.
-@triton.autotune(configs=_gemm_configs(), key=["V", "H", "EPI", "STORE_E", "HAS_ENT"])
+@triton.autotune(configs=_gemm_configs(), key=["V", "H", "EPI", "STORE_E", "HAS_ENT", "TMA"])
 @triton.heuristics({"EVEN_K": lambda a: a["H"] % a["BK"] == 0, "EVEN_N": lambda a: a["V"] % a["BN"] == 0})
 @triton.jit
 def _gemm_epi_kernel(
-    h_ptr, stride_h, stride_hk,  # [M, H] hidden states of this chunk (bf16)
-    w_ptr, stride_w, stride_wk,  # [V, H] LM head (bf16)
+    h_ptr, stride_h, stride_hk,  # [M, H] hidden states of this chunk (bf16); a tensor descriptor when TMA
+    w_ptr, stride_w, stride_wk,  # [V, H] LM head (bf16); a tensor descriptor when TMA
     x_ptr, stride_x,  # [M, V] out (bf16): e = 2^(u - c) (SUMS with STORE_E), or dx (DX)
     c_ptr,  # [M] fp32 per row: the shift c (SUMS: u_y from _target_kernel, or the row max), lse2 (DX)
     part_ptr,  # [2, M, NT] fp32 out, per row and BN-column tile: SUMS: sum e, sum e (u - c); MAX: max u (plane 0)
@@ -317,6 +337,7 @@ def _gemm_epi_kernel(
     EPI: tl.constexpr,  # SUMS, MAX or DX
     STORE_E: tl.constexpr,  # SUMS: also keep e (the OPD logits gradient up to its row scale) in x
     HAS_ENT: tl.constexpr,  # DX: the entropy's gradient too
+    TMA: tl.constexpr,  # h and W tiles come by the copy engine (sm_90+): no addresses, zeros past the edges
     F32_DOT: tl.constexpr,  # the interpreter's bf16 tl.dot is wrong: upcast there (same products, exact in fp32)
     EVEN_K: tl.constexpr,  # H % BK == 0: no mask in the K loop
     EVEN_N: tl.constexpr,  # V % BN == 0: no column mask in the epilogue (2 of its ~8 instructions per logit)
@@ -334,24 +355,25 @@ def _gemm_epi_kernel(
     pid_n = pid // num_m
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    # out-of-range rows / columns read row 0 (no mask in the loop); their results are never stored
-    a_ptrs = h_ptr + tl.where(rm < M, rm, 0).to(tl.int64)[:, None] * stride_h + rk[None, :] * stride_hk
-    b_ptrs = w_ptr + tl.where(rn < V, rn, 0).to(tl.int64)[:, None] * stride_w + rk[None, :] * stride_wk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, tl.cdiv(H, BK)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
-            b = tl.load(b_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
-        if F32_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc)
-        a_ptrs += BK * stride_hk
-        b_ptrs += BK * stride_wk
+    if TMA:
+        for k in range(0, tl.cdiv(H, BK)):
+            acc = _mma(h_ptr.load([pid_m * BM, k * BK]), w_ptr.load([pid_n * BN, k * BK]), acc, F32_DOT)
+    else:
+        rk = tl.arange(0, BK)
+        # out-of-range rows / columns read row 0 (no mask in the loop); their results are never stored
+        a_ptrs = h_ptr + tl.where(rm < M, rm, 0).to(tl.int64)[:, None] * stride_h + rk[None, :] * stride_hk
+        b_ptrs = w_ptr + tl.where(rn < V, rn, 0).to(tl.int64)[:, None] * stride_w + rk[None, :] * stride_wk
+        for k in range(0, tl.cdiv(H, BK)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
+                b = tl.load(b_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
+            acc = _mma(a, b, acc, F32_DOT)
+            a_ptrs += BK * stride_hk
+            b_ptrs += BK * stride_wk
     rowok = rm < M
     colok = tl.full((1, BN), 1, tl.int1) if EVEN_N else (rn < V)[None, :]
     c = tl.load(c_ptr + rm, mask=rowok, other=0.0)[:, None]
@@ -517,10 +539,20 @@ def _gemm_epi(h, weight, x, c, part, k2, epi, store_e=False, dx=None, inv_t=1.0)
     xo = h if x is None else x  # unwritten when None
     y, glp, gent, ent = dx if dx is not None else (c, c, None, c)  # unread unless DX
     po = part if part is not None else c.view(1, 1, -1)  # unread for DX
+    tma = GEMM_TMA and _tma_ok(h) and _tma_ok(weight)
+    # descriptors get their block shapes from the tile autotuning picks (_tma_blocks)
+    hh, ww = (TensorDescriptor.from_tensor(t, [16, 16]) for t in (h, weight)) if tma else (h, weight)
     _gemm_epi_kernel[lambda cfg: (triton.cdiv(n, cfg["BM"]) * triton.cdiv(V, cfg["BN"]),)](
-        h, h.stride(0), h.stride(1), weight, weight.stride(0), weight.stride(1), xo, xo.stride(0), c,
+        hh, h.stride(0), h.stride(1), ww, weight.stride(0), weight.stride(1), xo, xo.stride(0), c,
         po, po.stride(1), po.stride(0), y, glp, glp if gent is None else gent, ent, n, V, H, k2, inv_t,
-        EPI=epi, STORE_E=store_e, HAS_ENT=gent is not None, F32_DOT=INTERPRET)
+        EPI=epi, STORE_E=store_e, HAS_ENT=gent is not None, TMA=tma, F32_DOT=INTERPRET)
+
+
+def _tma_ok(t):
+    """Whether t [rows, H] can be read through a TMA descriptor: sm_90+ (or the interpreter), unit inner stride,
+    16-byte aligned base and rows."""
+    return ((INTERPRET or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)) and t.stride(1) == 1
+            and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def _epilogue(dtype):

@@ -177,40 +177,52 @@ def gemm_report(arch, M=2752):
     import triton
     from . import fused
     b16, f, y = torch.empty(8, dtype=torch.bfloat16), torch.empty(8), torch.empty(8, dtype=torch.long)
-    modes = [("epi: opd grad, SUMS+e", dict(EPI=fused.SUMS, STORE_E=True, HAS_ENT=False)),
-             ("epi: fwd only, SUMS", dict(EPI=fused.SUMS, STORE_E=False, HAS_ENT=False)),
-             ("epi: redo max, MAX", dict(EPI=fused.MAX, STORE_E=False, HAS_ENT=False)),
-             ("epi: lp+ent bwd, DX", dict(EPI=fused.DX, STORE_E=False, HAS_ENT=True))]
-    args = (b16, H, 1, b16, H, 1, b16, V, f, f, 1216, M * 1216, y, f, f, f, M, V, H, 1.4427, 1.0)
+    grad, fwd = dict(EPI=fused.SUMS, STORE_E=True, HAS_ENT=False), dict(EPI=fused.SUMS, STORE_E=False, HAS_ENT=False)
+    modes = [("epi: opd grad, SUMS+e", grad, False), ("epi: fwd only, SUMS", fwd, False),
+             ("epi: redo max, MAX", dict(EPI=fused.MAX, STORE_E=False, HAS_ENT=False), False),
+             ("epi: lp+ent bwd, DX", dict(EPI=fused.DX, STORE_E=False, HAS_ENT=True), False),
+             ("epi: opd grad, TMA", grad, True), ("epi: fwd only, TMA", fwd, True)]
     print(f"\nGEMM 1 + epilogue (_gemm_epi_kernel) for sm_{arch}, M={M} rows, H={H}: CTAs/SM by registers and shared "
           f"memory; epilogue instructions per logit (the mainloop costs ~{2 * H / 4096:.0f} SM clock per logit on an "
           f"H100, the epilogue instr / 128)")
     print(f"{'mode':<24} {'BMxBNxBK':>11} {'warps':>5} {'st':>2} {'regs':>4} {'spill':>5} {'CTA/SM':>6} {'MMA op':<26} "
-          f"{'epi/logit':>9} {'st B':>4}")
+          f"{'epi/logit':>9} {'st B':>4} {'loads':<10}")
     bad = []
-    for name, kw in modes:
+    for name, kw, tma in modes:
         for cfg in fused._gemm_configs():
             k = cfg.kwargs
+            hh, ww = b16, b16
+            if tma:  # a launch's descriptors, with the block shapes _tma_blocks gives them
+                hh = fused.TensorDescriptor(torch.empty(16, dtype=torch.bfloat16), [M, H], [H, 1], [k["BM"], k["BK"]])
+                ww = fused.TensorDescriptor(torch.empty(16, dtype=torch.bfloat16), [V, H], [H, 1], [k["BN"], k["BK"]])
+            args = (hh, H, 1, ww, H, 1, b16, V, f, f, 1216, M * 1216, y, f, f, f, M, V, H, 1.4427, 1.0)
             sass, regs, local = compile_sass(fused._gemm_epi_kernel.fn.fn, cfg, args,
-                                             dict(kw, F32_DOT=False, EVEN_K=H % k["BK"] == 0,
+                                             dict(kw, TMA=tma, F32_DOT=False, EVEN_K=H % k["BK"] == 0,
                                                   EVEN_N=V % k["BN"] == 0), arch)
             ops = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)
             mma = sorted({op for _, op in ops if op.startswith(("HGMMA", "HMMA"))})
             loops = [(int(a, 16), int(t, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+0x([0-9a-f]+)", sass)]
-            ends = [src for src, t in loops if t < src and any(t <= int(a, 16) <= src and op in mma for a, op in ops)]
-            epi = [op for a, op in ops if ends and int(a, 16) > max(ends) and op not in ("NOP", "BRA", "EXIT")]
+            # the mainloop: the shortest backward branch around an MMA (TMA kernels also branch back from
+            # out-of-line barrier waits placed after the last EXIT); the epilogue: from its end to the last EXIT
+            body = [(src - t, src) for src, t in loops if t < src and any(t <= int(a, 16) <= src and op in mma
+                                                                          for a, op in ops)]
+            end, last = min(body)[1] if body else None, max(int(a, 16) for a, op in ops if op == "EXIT")
+            epi = [op for a, op in ops if end is not None and end < int(a, 16) <= last and op not in ("NOP", "BRA", "EXIT")]
             per_thread = k["BM"] * k["BN"] / (32 * cfg.num_warps)
             smem = cfg.num_stages * (k["BM"] + k["BN"]) * k["BK"] * 2
             ctas = min(resident(regs, cfg.num_warps), 232448 // smem)
             stw = [width(op) for op in epi if op.startswith("STG")]
             wide = max(stw) if stw else 0
+            loads = "TMA" if "UTMALDG" in sass else "cp.async" if "LDGSTS" in sass else "other"
             print(f"{name:<24} {k['BM']:>3}x{k['BN']}x{k['BK']:<3} {cfg.num_warps:>5} {cfg.num_stages:>2} {regs:>4} "
-                  f"{local:>5} {ctas:>6} {','.join(mma)[:26]:<26} {len(epi) / per_thread:>9.1f} {wide:>4}")
+                  f"{local:>5} {ctas:>6} {','.join(mma)[:26]:<26} {len(epi) / per_thread:>9.1f} {wide:>4} {loads:<10}")
             what = f"GEMM epilogue {name} {k['BM']}x{k['BN']}x{k['BK']} warps={cfg.num_warps} stages={cfg.num_stages}"
             if local:
                 bad.append(f"{what}: {local} bytes of spills")
             if not mma or (arch >= 90 and not mma[0].startswith("HGMMA")):
                 bad.append(f"{what}: the mainloop is not on the tensor cores ({mma or 'no MMA'})")
+            if loads != ("TMA" if tma else "cp.async"):
+                bad.append(f"{what}: the mainloop loads by {loads}, not {'TMA' if tma else 'cp.async'}")
             if not ctas:
                 bad.append(f"{what}: does not fit on an SM")
             budget = EPI_BUDGET[int(kw["EPI"])]

@@ -95,15 +95,20 @@ CASES = [  # N, V, H, dtype, temperature, chunk_rows
 
 
 def paths(cases):
-    """Each case on the path its dtype takes (epi: bf16's GEMM-1 epilogue), and bf16 cases once more on the
-    cuBLAS + row-kernel path (fused.GEMM_EPILOGUE = False: the fallback, and the bench's A/B)."""
-    return [c + (c[3] == BF16,) for c in cases] + [c + (False,) for c in cases if c[3] == BF16]
+    """Each case on the path its dtype takes (bf16: GEMM 1's epilogue), and bf16 cases on the other two: the
+    epilogue's GEMM reading its tiles by TMA (fused.GEMM_TMA), and cuBLAS + the row kernel (GEMM_EPILOGUE = False)."""
+    return ([c + ("epilogue" if c[3] == BF16 else "row kernel",) for c in cases] +
+            [c + (p,) for c in cases if c[3] == BF16 for p in ("epilogue+tma", "row kernel")])
 
 
 @pytest.fixture
 def epi(request, monkeypatch):
-    monkeypatch.setattr(fused, "GEMM_EPILOGUE", request.param)
-    return request.param
+    """Which bf16 path runs: "epilogue", "epilogue+tma" or "row kernel" (True / False: with the epilogue or not).
+    Returns whether GEMM 1's epilogue does the row pass."""
+    path = {True: "epilogue", False: "row kernel"}.get(request.param, request.param)
+    monkeypatch.setattr(fused, "GEMM_EPILOGUE", path != "row kernel")
+    monkeypatch.setattr(fused, "GEMM_TMA", path == "epilogue+tma")
+    return path != "row kernel"
 
 
 @pytest.mark.parametrize("N,V,H,dtype,temp,chunk,epi", paths(CASES), indirect=["epi"])
@@ -262,7 +267,8 @@ def test_extreme_logits(dtype, epi):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter says so for the rows redone
-@pytest.mark.parametrize("dtype,epi", [(BF16, True), (BF16, False), (FP32, False)], indirect=["epi"])
+@pytest.mark.parametrize("dtype,epi", [(BF16, True), (BF16, "epilogue+tma"), (BF16, False), (FP32, False)],
+                         indirect=["epi"])
 def test_opd_loss_far_targets_are_redone(dtype, epi):
     """Targets ~300 nats below their row's max overflow the kernel's fixed shift c = u_y (the target's
     logit): those rows must be flagged, redone with c = the row max, and land exactly where the rest would."""
@@ -357,7 +363,7 @@ def test_row_kernels_compile_lean_for_h100():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("opd_loss grad") == 18 and "FAIL" not in r.stdout  # bf16, fp16, fp32 x 6 configs
-    assert r.stdout.count(" HGMMA.64x") == 4 * 5, r.stdout[-3000:]  # GEMM 1 + epilogue: 4 modes x 5 tile configs
+    assert r.stdout.count(" HGMMA.64x") == 6 * 5, r.stdout[-3000:]  # GEMM 1 + epilogue: 6 modes x 5 tile configs
 
 
 def test_sass_check_sees_narrow_stores(tmp_path):
@@ -399,7 +405,7 @@ def test_bench_breakdown_runs(monkeypatch, capsys):
     monkeypatch.setattr(triton.testing, "do_bench", lambda f, **kw: (f(), launched.append(f), 1.0)[-1])
     bench.breakdown(1007, 64, 96, torch.device(DEV))
     out = capsys.readouterr().out
-    assert len(launched) == 17 and "GEMM 1 + epilogue: BM=" in out and "3-GEMM floor" in out, out
+    assert len(launched) == 18 and "GEMM 1 + epilogue: BM=" in out and "3-GEMM floor" in out, out
 
 
 def test_bench_tiny_runs(tmp_path):
