@@ -75,7 +75,9 @@ class Config:
     eval_n: int = _f(0, "held-out questions to grade before and after training (0 = none)")
     eval_teacher: bool = _f(False, "also grade the teacher on the held-out questions (loads an unsharded copy)")
     kl_bin: int = _f(256, "width of the position bins for the KL-by-position log (paper Fig. 2/5)")
-    vllm_memory: float = _f(0.35, "GPU memory fraction for the vLLM sampler (weights + KV cache)")
+    vllm_memory: float = _f(0.35, "GPU memory fraction for the vLLM sampler (weights + KV cache); the trainer's "
+                            "shards, optimizer state and teacher stay resident meanwhile: raise it where they leave "
+                            "room (more KV cache, more rollouts in flight)")
 
 
 # The embedded default: a built-in task whose solutions are ~40 tokens. L_train starts at 6 (the first token that

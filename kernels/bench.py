@@ -19,6 +19,7 @@ alone per launch config (vs a plain copy), ours step by step (breakdown), and th
 chunk size (gemm_sweep.csv). `--vs OLD_FUSED_PY` times another version of fused.py beside ours.
 """
 import argparse
+import contextlib
 import csv
 import importlib
 import importlib.machinery
@@ -54,6 +55,24 @@ def parse():
 
 
 # ----------------------------------------------------------------------------- losses under test
+
+
+# fused.py's paths for bf16 (module flags); "ours" is whichever the flags select by default
+PATHS = {"epilogue": dict(GEMM_EPILOGUE=True, GEMM_TMA=False), "epilogue_tma": dict(GEMM_EPILOGUE=True, GEMM_TMA=True),
+         "cublas+row": dict(GEMM_EPILOGUE=False, GEMM_TMA=False)}
+
+
+@contextlib.contextmanager
+def path_flags(path):
+    """fused.py's module flags set to PATHS[path] inside the block."""
+    old = {k: getattr(fused, k) for k in PATHS[path]}
+    for k, v in PATHS[path].items():
+        setattr(fused, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(fused, k, v)
 
 
 def naive_logp(h, w, y):
@@ -104,28 +123,23 @@ def methods(args, dev):
         loss.backward()
         return loss
 
-    def path(fn, **flags):  # ours on another path: fused.GEMM_EPILOGUE / GEMM_TMA set for the call
+    def on(path, fn):  # ours with fused.py's path flags set for the call
         def call(*a):
-            old = {k: getattr(fused, k) for k in flags}
-            for k, v in flags.items():
-                setattr(fused, k, v)
-            try:
+            with path_flags(path):
                 return fn(*a)
-            finally:
-                for k, v in old.items():
-                    setattr(fused, k, v)
         return call
 
     out = {
         "cublas_gemm": (lambda h, w, y, c, opd: torch.mm(h, w.t()), None),
         "ours": (ours_fwd, ours_fb),
-        # the other paths, for the A/B: GEMM 1's tiles by TMA; cuBLAS GEMM 1 and the row pass in its own kernel
-        "ours_tma" if not fused.GEMM_TMA else "ours_cp.async": (path(ours_fwd, GEMM_TMA=not fused.GEMM_TMA),
-                                                               path(ours_fb, GEMM_TMA=not fused.GEMM_TMA)),
-        "ours_cublas+row": (path(ours_fwd, GEMM_EPILOGUE=False), path(ours_fb, GEMM_EPILOGUE=False)),
+    }
+    for path, flags in PATHS.items():  # ours' other paths, for the A/B in the same run
+        if any(getattr(fused, k) != v for k, v in flags.items()):
+            out[f"ours_{path}"] = (on(path, ours_fwd), on(path, ours_fb))
+    out.update({
         "ours_tl(4gemm)": (None, ours_tl_fb),
         "torch": (torch_fwd, torch_fb),
-    }
+    })
     for rows in CHUNK_SWEEP:  # the time/memory trade-off of the chunk size
         out[f"ours_C{rows}"] = (None, lambda *a, rows=rows: ours_fb(*a, chunk=rows))
     if args.vs:
@@ -266,7 +280,7 @@ def tuned(kernel):
 
 
 def breakdown(V, H, T, dev):
-    """Where ours' fwd+bwd time goes at T tokens: each step of one chunk timed alone, on the data ours
+    """Where ours' fwd+bwd time goes at T tokens on the epilogue path: each step of one chunk timed alone, on the data ours
     sees (GEMMs 2 and 3 read the epilogue's e', GEMM 3's alpha h sits in the strided scratch), times
     the number of chunks, next to the 3-GEMM floor (sum over chunks of GEMM 1 alone is not the floor:
     the floor is one T-row GEMM; small chunks lose there too). Reference rows show the alternatives
@@ -296,8 +310,8 @@ def breakdown(V, H, T, dev):
     def target():
         fused._target_kernel[(C,)](*hw, y, o[0], H, fused.LOG2E, BLOCK_H=1024)
 
-    def combine():
-        fused._combine_kernel[(C,)](part, part.stride(1), part.stride(0), NT, x, x.stride(0), y, o[0], o[0], *o[1:],
+    def combine():  # over the slots GEMM 1's autotuned tile writes
+        fused._combine_kernel[(C,)](part, part.stride(1), part.stride(0), nt, x, x.stride(0), y, o[0], o[0], *o[1:],
                                     V, 1.0, 1e-3, FUSED_GRAD=True, BLOCK_T=1024, BLOCK=1024)
 
     def other_loads():  # the same GEMM 1 + epilogue, its mainloop fed the other way (fused.GEMM_TMA flipped)
@@ -315,12 +329,11 @@ def breakdown(V, H, T, dev):
         x.copy_(x0)  # the kernel overwrites x; the copy is timed separately and subtracted
         row()
     target()
-    fused._gemm_epi(h, w, x, o[0], part, fused.LOG2E, fused.SUMS, store_e=True)
+    nt = fused._gemm_epi(h, w, x, o[0], part, fused.LOG2E, fused.SUMS, store_e=True)
     combine()
     e0 = x.clone()  # what GEMMs 2 and 3 read in ours: e' = 2^(u - c), mostly tiny
     steps = [  # (what, call, chunks it runs for in ours: n, 1 (once per call) or 0 (reference))
         ("target logit u_y (fp32 dot)", target, n),
-        ("zero the partial sums", part.zero_, n),
         ("GEMM 1 + epilogue (sums, e' stored)", lambda: fused._gemm_epi(h, w, x, o[0], part, fused.LOG2E,
                                                                         fused.SUMS, store_e=True), n),
         ("combine (per row: sums -> logp, alpha, x[y])", combine, n),
@@ -343,8 +356,8 @@ def breakdown(V, H, T, dev):
     ms["row kernel (fused grad), copy subtracted"] -= ms["copy x (read + write: the row kernel's floor)"]
     ms["dW: fp32 accumulator -> bf16 (once)"] -= ms["  (its clone, subtracted)"]
     floor = triton.testing.do_bench(lambda: torch.mm(hs, w.t()), warmup=10, rep=40, return_mode="median")
-    print(f"\nbreakdown of ours fwd+bwd, T={T}, H={H}: {n} chunks of <= {C} rows; ms per chunk, x {n}; GEMM 1 + "
-          f"epilogue: {tuned(fused._gemm_epi_kernel)}:")
+    print(f"\nbreakdown of ours fwd+bwd on the epilogue path, T={T}, H={H}: {n} chunks of <= {C} rows; ms per chunk, "
+          f"x {n}; GEMM 1 + epilogue: {tuned(fused._gemm_epi_kernel)}:")
     total = sum(k * ms[what] for what, _, k in steps)
     for what, _, k in steps:
         v = ms[what]
@@ -354,10 +367,13 @@ def breakdown(V, H, T, dev):
           f"(one {T}-row GEMM {floor:.2f} ms)")
 
 
-def profile(V, H, T, dev, mod=fused, label="ours"):
-    """One call of ours (mod: fused.py or another version of it) fwd+bwd under torch.profiler: the GPU time of
-    each kernel inside the real call, its sum, and the call's wall time (the rest is the GPU standing idle:
-    host syncs, launches)."""
+def profile(V, H, T, dev, mod=fused, label="ours", path=None):
+    """One call of ours (mod: fused.py or another version of it; path: one of PATHS, else its defaults) fwd+bwd
+    under torch.profiler: the GPU time of each kernel inside the real call, its sum, and the call's wall time
+    (the rest is the GPU standing idle: host syncs, launches)."""
+    if path is not None:
+        with path_flags(path):
+            return profile(V, H, T, dev, mod, f"{label} ({path})")
     from torch.profiler import ProfilerActivity, profile as torch_profile
     g = torch.Generator(device=dev).manual_seed(3)
     w = (torch.randn(V, H, device=dev, generator=g) * (2.0 / math.sqrt(H))).to(torch.bfloat16).requires_grad_()
@@ -543,8 +559,8 @@ def main():
 
 def diagnose(V, Hs, T, dev, out, sweeps=True, vs=None):
     print(f"\nautotuned: row kernel {tuned(fused._fwd_kernel)}; GEMM 1 + epilogue {tuned(fused._gemm_epi_kernel)}")
-    diags = [lambda H=H: (profile(V, H, T, dev), vs and profile(V, H, T, dev, vs, "vs"), breakdown(V, H, T, dev))
-             for H in Hs]
+    diags = [lambda H=H: ([profile(V, H, T, dev, path=p) for p in ("epilogue", "cublas+row")],
+                          vs and profile(V, H, T, dev, vs, "vs"), breakdown(V, H, T, dev)) for H in Hs]
     if sweeps:
         diags = [lambda: row_kernel_sweep(V, dev)] + diags + [lambda: gemm_sweep(V, Hs, dev, out)]
     for diag in diags:

@@ -10,14 +10,14 @@ h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x l
     ent   = ln2 (log2 S - A / S)             ┘
 
 Where the row pass runs:
-  bf16 (the training dtype): in GEMM 1's epilogue. GEMM 1 is a Triton kernel (_gemm_epi_kernel) whose
+  bf16 with GEMM_EPILOGUE (off by default until timed on a GPU): in GEMM 1's epilogue. GEMM 1 is a Triton kernel (_gemm_epi_kernel) whose
     epilogue takes each [BM, BN] tile's row sums of 2^(u - c) and 2^(u - c)(u - c) from the fp32
     accumulator, so x is never read back and every logit is exact in fp32 (bf16 products, fp32 sums);
     a per-row combine adds the tiles' sums (_combine_kernel). c = u_y comes from an fp32 dot of h_t
     and W[y_t] before GEMM 1 (_target_kernel). Forward-only (teacher scoring) stores nothing of x at all.
     Its mainloop takes tiles by cp.async, or by TMA descriptors with GEMM_TMA (sm_90+; which is faster is
     for a GPU run to say: the bench times both).
-  fp32 / fp16, or GEMM_EPILOGUE = False: GEMM 1 in cuBLAS, stored in the input dtype, then one Triton
+  otherwise (the default; fp32 / fp16 always): GEMM 1 in cuBLAS, stored in the input dtype, then one Triton
     program per row reads x once (_fwd_kernel).
 On an H100 the row kernel alone took 3.5 ms per 16384 tokens (82-85 % of a copy's bandwidth), 8 % of
 the 3-GEMM floor at H = 2048; the epilogue costs ~8 SASS instructions per logit against a mainloop of
@@ -98,8 +98,11 @@ LOG2E = 1.0 / LN2
 # read-modify-write of the fp32 dW accumulator in GEMM 3 (8 V H bytes: ~1 ms at H = 4096 on an H200), so
 # chunks are as large as the memory target allows: peak extra <= 1 GiB + fp32 W.grad at T = 16384, H = 4096.
 CHUNK_BYTES = 832 * 2**20
-GEMM_EPILOGUE = True  # bf16: GEMM 1 in Triton with the row pass in its epilogue; False: cuBLAS + the row kernel
-GEMM_TMA = False  # that GEMM's tiles by TMA descriptors (sm_90+) rather than cp.async loads: not yet timed on a GPU
+# bf16 paths. GEMM_EPILOGUE: GEMM 1 in Triton with the row pass in its epilogue (else cuBLAS + the row kernel);
+# GEMM_TMA: that GEMM's tiles by TMA descriptors (sm_90+) rather than cp.async. Both off until a GPU has timed them:
+# the cuBLAS + row-kernel path is the one measured (kernels/NOTES.md; the bench times all three side by side).
+GEMM_EPILOGUE = False
+GEMM_TMA = False
 
 
 @triton.jit
@@ -146,8 +149,9 @@ def _row_outputs(row, x_row, V, y, c, u_y, S, S_y, A, e_y, logp_ptr, ent_ptr, ls
     S_y = S with the target's term exact; with FUSED_GRAD, x[y] := e_y - S and the row scale alpha (or, for
     a row to redo, x := 0 and alpha := 0)."""
     bad = tl.log2(S) > LIMIT  # inf too
-    logp = tl.minimum(((u_y - c) - tl.log2(S_y)) * 0.6931471805599453, 0.0)
-    ent = tl.maximum(0.6931471805599453 * (tl.log2(S) - A / S), 0.0)
+    # clamps that keep a NaN (a NaN hidden row): min / max on the GPU would return the other operand
+    logp = tl.minimum(((u_y - c) - tl.log2(S_y)) * 0.6931471805599453, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    ent = tl.maximum(0.6931471805599453 * (tl.log2(S) - A / S), 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
     tl.store(lse2_ptr + row, c + tl.log2(S))
@@ -163,7 +167,9 @@ def _row_outputs(row, x_row, V, y, c, u_y, S, S_y, A, e_y, logp_ptr, ent_ptr, ls
                 tl.store(x_row + off + cols, tl.zeros([BLOCK], dtype=x_row.dtype.element_ty), mask=off + cols < V)
             tl.store(alpha_ptr + row, 0.0)
         else:
-            tl.store(x_row + y, (e_y - S).to(x_row.dtype.element_ty))  # alpha (e_y - S) = (g / T)(1 - p_y)
+            # alpha (e_y - S) = (g / T)(1 - p_y); <= 0 as -(the other terms' sum), which the epilogue path's two
+            # fp32 values of the target logit (its own, the dot's) could otherwise flip when p_y ~ 1
+            tl.store(x_row + y, tl.minimum(e_y - S, 0.0).to(x_row.dtype.element_ty))
             tl.store(alpha_ptr + row, -g * inv_t / S_y)
 
 
@@ -328,7 +334,7 @@ def _gemm_epi_kernel(
     w_ptr, stride_w, stride_wk,  # [V, H] LM head (bf16); a tensor descriptor when TMA
     x_ptr, stride_x,  # [M, V] out (bf16): e = 2^(u - c) (SUMS with STORE_E), or dx (DX)
     c_ptr,  # [M] fp32 per row: the shift c (SUMS: u_y from _target_kernel, or the row max), lse2 (DX)
-    part_ptr,  # [2, M, NT] fp32 out, per row and BN-column tile: SUMS: sum e, sum e (u - c); MAX: max u (plane 0)
+    part_ptr,  # [2, M, >= V / BN] fp32 out, per row and BN-column tile: SUMS: sum e, sum e (u - c); MAX: max u (plane 0)
     stride_p, plane,  # row stride of a plane of part, and the stride between its two planes
     y_ptr, glp_ptr, gent_ptr, ent_ptr,  # [M] targets, upstream grads of logp / entropy, entropy (read only for DX)
     M, V, H,  # rows, vocabulary, hidden size
@@ -400,7 +406,7 @@ def _gemm_epi_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, stride_p, plane, NT,  # [2, M, NT] fp32 partial sums from _gemm_epi_kernel
+    part_ptr, stride_p, plane, NT,  # [2, M, >= NT] fp32 partial sums from _gemm_epi_kernel; NT = V / its BN
     x_ptr, stride_x,  # [M, V] e from _gemm_epi_kernel  (read and written only when FUSED_GRAD)
     y_ptr, c_ptr, uy_ptr,  # [M] target ids, fp32 shifts c, fp32 target logits u_y (c = u_y but for rows redone)
     logp_ptr, ent_ptr, lse2_ptr, alpha_ptr, bad_ptr,  # [M] fp32 outputs, as in _fwd_kernel
@@ -533,7 +539,9 @@ def _mm32(a, b, out):
 
 def _gemm_epi(h, weight, x, c, part, k2, epi, store_e=False, dx=None, inv_t=1.0):
     """Launch _gemm_epi_kernel on the rows of h (x: [n, V] output or None; part: [2, >= n, NT] or None;
-    dx: None or (targets, g_logp, g_ent or None, ent) for the DX epilogue)."""
+    dx: None or (targets, g_logp, g_ent or None, ent) for the DX epilogue). Returns how many slots of part per
+    row the launch wrote: V / BN of the tile it ran with. Only those are valid: on a key's first launch the
+    autotuner runs every tile on these very arguments, so narrower tiles leave sums in further slots."""
     n, H = h.shape
     V = weight.shape[0]
     xo = h if x is None else x  # unwritten when None
@@ -546,6 +554,7 @@ def _gemm_epi(h, weight, x, c, part, k2, epi, store_e=False, dx=None, inv_t=1.0)
         hh, h.stride(0), h.stride(1), ww, weight.stride(0), weight.stride(1), xo, xo.stride(0), c,
         po, po.stride(1), po.stride(0), y, glp, glp if gent is None else gent, ent, n, V, H, k2, inv_t,
         EPI=epi, STORE_E=store_e, HAS_ENT=gent is not None, TMA=tma, F32_DOT=INTERPRET)
+    return triton.cdiv(V, _gemm_epi_kernel.best_config.kwargs["BN"])  # the config the launch ran (set before it)
 
 
 def _tma_ok(t):
@@ -556,7 +565,7 @@ def _tma_ok(t):
 
 
 def _epilogue(dtype):
-    """Whether GEMM 1 does the row pass in its epilogue for this dtype (module docstring): bf16 only."""
+    """Whether GEMM 1 does the row pass in its epilogue for this dtype (module docstring): bf16 with GEMM_EPILOGUE."""
     return dtype == torch.bfloat16 and GEMM_EPILOGUE
 
 
@@ -602,15 +611,13 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, epi, fused=None, need_dh
             c = u_y
             if row_max:  # a row redone: c = its max, from the same fp32 logits
                 c = shift[:n]
-                part.fill_(-float("inf"))
-                _gemm_epi(h, weight, None, c, part, k2, MAX)
-                torch.amax(part[0, :n], 1, out=c)
-            part.zero_()  # a wider tile writes fewer slots than autotuning's narrower tries left behind
-            _gemm_epi(h, weight, x, c, part, k2, SUMS, store_e=fused is not None)
+                nt = _gemm_epi(h, weight, None, c, part, k2, MAX)
+                torch.amax(part[0, :n, :nt], 1, out=c)
+            nt = _gemm_epi(h, weight, x, c, part, k2, SUMS, store_e=fused is not None)
             xo = h if x is None else x  # unwritten without FUSED_GRAD
-            _combine_kernel[(n,)](part, part.stride(1), part.stride(0), NT, xo, xo.stride(0), ys[rows], c, u_y, *o,
+            _combine_kernel[(n,)](part, part.stride(1), part.stride(0), nt, xo, xo.stride(0), ys[rows], c, u_y, *o,
                                   ls[rows], lt[rows], m[rows], V, 1.0 / temperature, float(scale),
-                                  FUSED_GRAD=fused is not None, BLOCK_T=min(1024, triton.next_power_of_2(NT)),
+                                  FUSED_GRAD=fused is not None, BLOCK_T=min(1024, triton.next_power_of_2(nt)),
                                   BLOCK=1024)
         else:
             torch.mm(h, weight.t(), out=x)
