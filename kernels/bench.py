@@ -315,11 +315,8 @@ def breakdown(V, H, T, dev):
                                     V, 1.0, 1e-3, FUSED_GRAD=True, BLOCK_T=1024, BLOCK=1024)
 
     def other_loads():  # the same GEMM 1 + epilogue, its mainloop fed the other way (fused.GEMM_TMA flipped)
-        fused.GEMM_TMA = not fused.GEMM_TMA
-        try:
+        with path_flags("epilogue" if fused.GEMM_TMA else "epilogue_tma"):
             fused._gemm_epi(h, w, x, o[0], part, fused.LOG2E, fused.SUMS, store_e=True)
-        finally:
-            fused.GEMM_TMA = not fused.GEMM_TMA
 
     def row():
         fused._fwd_kernel[(C,)](x, x.stride(0), y, *o, *hw, H, V, fused.LOG2E, 1.0, 1e-3, FUSED_GRAD=True,
@@ -450,9 +447,8 @@ def gemm_sweep(V, Hs, dev, out):
             shift = torch.zeros(C, device=dev)  # logits have std 1 here: 2^u stays in range
             part = torch.zeros(2, C, -(-V // fused.EPI_BN_MIN), device=dev)
             def epi(tma):
-                fused.GEMM_TMA, old = tma, fused.GEMM_TMA
-                fused._gemm_epi(h, w, x, shift, part, fused.LOG2E, fused.SUMS, store_e=True)
-                fused.GEMM_TMA = old
+                with path_flags("epilogue_tma" if tma else "epilogue"):
+                    fused._gemm_epi(h, w, x, shift, part, fused.LOG2E, fused.SUMS, store_e=True)
             calls = [lambda: torch.mm(h, w.t(), out=x), lambda: epi(False), lambda: epi(True),
                      lambda: fused._mm32(x, w, o32)]
             def split2():  # [2, C, V/2] @ [2, V/2, H] -> [2, C, H], summed: split-K by hand

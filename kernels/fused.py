@@ -10,11 +10,12 @@ h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x l
     ent   = ln2 (log2 S - A / S)             ┘
 
 Where the row pass runs:
-  bf16 with GEMM_EPILOGUE (off by default until timed on a GPU): in GEMM 1's epilogue. GEMM 1 is a Triton kernel (_gemm_epi_kernel) whose
-    epilogue takes each [BM, BN] tile's row sums of 2^(u - c) and 2^(u - c)(u - c) from the fp32
-    accumulator, so x is never read back and every logit is exact in fp32 (bf16 products, fp32 sums);
-    a per-row combine adds the tiles' sums (_combine_kernel). c = u_y comes from an fp32 dot of h_t
-    and W[y_t] before GEMM 1 (_target_kernel). Forward-only (teacher scoring) stores nothing of x at all.
+  bf16 with GEMM_EPILOGUE (off by default until timed on a GPU): in GEMM 1's epilogue. GEMM 1 is a
+    Triton kernel (_gemm_epi_kernel) whose epilogue takes each [BM, BN] tile's row sums of 2^(u - c) and
+    2^(u - c)(u - c) from the fp32 accumulator, so x is never read back and every logit is exact in fp32
+    (bf16 products, fp32 sums); a per-row combine adds the tiles' sums (_combine_kernel). c = u_y comes
+    from an fp32 dot of h_t and W[y_t] before GEMM 1 (_target_kernel). Forward-only (teacher scoring)
+    stores nothing of x at all.
     Its mainloop takes tiles by cp.async, or by TMA descriptors with GEMM_TMA (sm_90+; which is faster is
     for a GPU run to say: the bench times both).
   otherwise (the default; fp32 / fp16 always): GEMM 1 in cuBLAS, stored in the input dtype, then one Triton
@@ -29,8 +30,9 @@ lost to underflow has p < 2^-126. Large terms are the risk, so a row whose S pas
 S >= 2^(max_v u_v - c), so that is every row whose target sits > 96 bits = 66 nats below the row's
 max, and no row closer than 96 - log2 V bits = 55 nats at V = 151936. Overflow to inf is flagged
 too, and below 2^96 the entropy sum A <= 96 S stays finite. Flagged rows are redone after the loop
-with c = their exact max (GEMMs of just those rows: on the epilogue path one for the max, one for the sums). Testing S costs nothing in the loop,
-where a running max would cost an instruction and a register per logit. log2 S = -logp / ln2 is
+with c = their exact max (GEMMs of just those rows: on the epilogue path one for the max, one for the
+sums). Testing S costs nothing in the loop, where a running max would cost an instruction and a
+register per logit. log2 S = -logp / ln2 is
 small for likely targets, so logp keeps fp32's relative precision (a shift far from the lse, e.g.
 u_y + 64, would cost ~64 * 2^-24 absolute). fp16 has no such range, so for fp16 c is always the row
 max (one extra read of x; fp16 takes the row-kernel path).
@@ -106,10 +108,20 @@ GEMM_TMA = False
 
 
 @triton.jit
-def _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
-    """Overwrite x[0:V] with dx = c_lp (1[v = y] - p) - c_ent p (z - E), p = 2^(u - lse2).
+def _dlogits(u, col, y, lse2, c_lp, c_ent, e2, HAS_ENT: tl.constexpr):
+    """token_logprobs' logits gradient dx = c_lp (1[v = y] - p) - c_ent p (z - E) at the logits u (base 2) of
+    columns col, p = 2^(u - lse2); c_lp, c_ent carry the 1/T of dz/dx; z - E = ln2 (u - e2), e2 = E[u]."""
+    p = tl.exp2(u - lse2)
+    dx = c_lp * (tl.where(col == y, 1.0, 0.0) - p)
+    if HAS_ENT:
+        dx -= c_ent * p * (u - e2) * 0.6931471805599453
+    return dx
 
-    c_lp, c_ent already carry the 1/T of dz/dx; z - E = ln2 (u - e2) with e2 = E[u].
+
+@triton.jit
+def _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT: tl.constexpr, BLOCK: tl.constexpr):
+    """Overwrite x[0:V] with _dlogits of its logits.
+
     Blocks go last-first: the end of the row was read most recently, so it may still be in L2.
     """
     cols = tl.arange(0, BLOCK)
@@ -120,10 +132,7 @@ def _write_dx(x_row, V, y, k2, lse2, c_lp, c_ent, e2, HAS_ENT: tl.constexpr, BLO
         inb = c < V
         u = x_next.to(tl.float32) * k2
         x_next = tl.load(x_row + c - BLOCK, mask=(c >= BLOCK) & (c - BLOCK < V), other=0.0)  # prefetch the next
-        p = tl.exp2(u - lse2)
-        dx = c_lp * (tl.where(c == y, 1.0, 0.0) - p)
-        if HAS_ENT:
-            dx -= c_ent * p * (u - e2) * 0.6931471805599453
+        dx = _dlogits(u, c, y, lse2, c_lp, c_ent, e2, HAS_ENT)
         tl.store(x_row + c, dx.to(x_row.dtype.element_ty), mask=inb)
 
 
@@ -286,7 +295,8 @@ def _bwd_kernel(
 
 
 def _tma_blocks(nargs):
-    """With TMA, h and W come as tensor descriptors, made before autotuning picks a tile: give them its block shapes."""
+    """With TMA, h and W come as tensor descriptors, made before autotuning picks a tile: give them its block
+    shapes."""
     if nargs["TMA"]:
         nargs["h_ptr"].block_shape = [nargs["BM"], nargs["BK"]]
         nargs["w_ptr"].block_shape = [nargs["BN"], nargs["BK"]]
@@ -310,7 +320,8 @@ def _target_kernel(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, y_ptr
     """c[row] = u_y = k2 * (h[row] . W[y[row]]) in fp32: the shift of the epilogue path (the target's own logit)."""
     row = tl.program_id(0)
     y = tl.load(y_ptr + row)
-    tl.store(c_ptr + row, _target_logit(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, row, y, H, BLOCK_H) * k2)
+    u_y = _target_logit(h_ptr, stride_h, stride_hk, w_ptr, stride_w, stride_wk, row, y, H, BLOCK_H) * k2
+    tl.store(c_ptr + row, u_y)
 
 
 @triton.jit
@@ -322,7 +333,8 @@ def _mma(a, b, acc, F32_DOT: tl.constexpr):
     return tl.dot(a, tl.trans(b), acc)
 
 
-SUMS, MAX, DX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # what _gemm_epi_kernel's epilogue makes of a tile of logits
+# what _gemm_epi_kernel's epilogue makes of a tile of logits
+SUMS, MAX, DX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 # Several tiles: x and the partial results are pure outputs, so autotuning's reruns need no restore.
@@ -334,7 +346,7 @@ def _gemm_epi_kernel(
     w_ptr, stride_w, stride_wk,  # [V, H] LM head (bf16); a tensor descriptor when TMA
     x_ptr, stride_x,  # [M, V] out (bf16): e = 2^(u - c) (SUMS with STORE_E), or dx (DX)
     c_ptr,  # [M] fp32 per row: the shift c (SUMS: u_y from _target_kernel, or the row max), lse2 (DX)
-    part_ptr,  # [2, M, >= V / BN] fp32 out, per row and BN-column tile: SUMS: sum e, sum e (u - c); MAX: max u (plane 0)
+    part_ptr,  # [2, M, >= V / BN] fp32 out per row and tile: SUMS: sum e, sum e (u - c); MAX: max u (plane 0)
     stride_p, plane,  # row stride of a plane of part, and the stride between its two planes
     y_ptr, glp_ptr, gent_ptr, ent_ptr,  # [M] targets, upstream grads of logp / entropy, entropy (read only for DX)
     M, V, H,  # rows, vocabulary, hidden size
@@ -393,14 +405,14 @@ def _gemm_epi_kernel(
         tl.store(part_ptr + plane + rm * stride_p + pid_n, tl.sum(e * tl.where(colok, d, 0.0), 1), mask=rowok)
         if STORE_E:
             tl.store(x_ptrs, e.to(x_ptr.dtype.element_ty), mask=rowok[:, None] & colok)
-    else:
-        u = acc * k2
-        p = tl.exp2(u - c)
+    else:  # c holds lse2; as _bwd_kernel, per row
         y = tl.load(y_ptr + rm, mask=rowok, other=-1)[:, None]
-        dx = tl.load(glp_ptr + rm, mask=rowok, other=0.0)[:, None] * inv_t * (tl.where(rn[None, :] == y, 1.0, 0.0) - p)
-        if HAS_ENT:  # z - E = ln2 (u - e2), e2 = E[u] = lse2 - ent / ln2
+        c_lp = tl.load(glp_ptr + rm, mask=rowok, other=0.0)[:, None] * inv_t
+        c_ent, e2 = 0.0, 0.0
+        if HAS_ENT:  # e2 = E[u] = lse2 - ent / ln2
+            c_ent = tl.load(gent_ptr + rm, mask=rowok, other=0.0)[:, None] * inv_t
             e2 = c - tl.load(ent_ptr + rm, mask=rowok, other=0.0)[:, None] * 1.4426950408889634
-            dx -= tl.load(gent_ptr + rm, mask=rowok, other=0.0)[:, None] * inv_t * p * (u - e2) * 0.6931471805599453
+        dx = _dlogits(acc * k2, rn[None, :], y, c, c_lp, c_ent, e2, HAS_ENT)
         tl.store(x_ptrs, dx.to(x_ptr.dtype.element_ty), mask=rowok[:, None] & colok)
 
 
@@ -700,10 +712,10 @@ class _TokenLogprobs(torch.autograd.Function):
         acc = torch.empty(V, H, device=hidden.device, dtype=_acc_dtype(hidden.dtype)) if need_dw else None
         C = _chunk_rows(V, hidden.dtype, N, ctx.chunk_rows)
         buf = torch.empty(C, V, device=hidden.device, dtype=hidden.dtype)
+        k2, inv_t = LOG2E / ctx.temperature, 1.0 / ctx.temperature
         for r0 in range(0, N, C):
             r1 = min(r0 + C, N)
             x = buf[: r1 - r0]
-            k2, inv_t = LOG2E / ctx.temperature, 1.0 / ctx.temperature
             if ctx.epi:  # recompute GEMM 1, writing dx from its fp32 accumulator
                 _gemm_epi(hidden[r0:r1], weight, x, lse2[r0:r1], None, k2, DX, inv_t=inv_t,
                           dx=(targets[r0:r1], g_logp[r0:r1], g_ent[r0:r1] if has_ent else None, ent[r0:r1]))

@@ -84,13 +84,24 @@ def compile_sass(fn, cfg, args, kw, arch):
     return sass, regs, local
 
 
+def parse(sass):
+    """(address, opcode) of every instruction, and (start, end) of every loop: a branch at end back to start."""
+    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)]
+    branches = re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+0x([0-9a-f]+)", sass)
+    return ins, [(int(t, 16), int(a, 16)) for a, t in branches if int(t, 16) < int(a, 16)]
+
+
+def innermost(ins, loops, want):
+    """(start, end) of the shortest loop holding an instruction whose opcode satisfies want, or None."""
+    found = [(end - start, start, end) for start, end in loops if any(start <= a <= end and want(op) for a, op in ins)]
+    return min(found)[1:] if found else None
+
+
 def hot_loop(sass):
     """Opcodes of the innermost loop that calls exp2 (a backward branch around MUFU.EX2)."""
-    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)]
-    targets = {int(a, 16): int(t, 16) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+0x([0-9a-f]+)", sass)}
-    loops = [[op for a, op in ins if t <= a <= src] for src, t in targets.items() if t < src]
-    loops = [body for body in loops if any(op.startswith("MUFU.EX2") for op in body)]
-    return min(loops, key=len) if loops else []
+    ins, loops = parse(sass)
+    loop = innermost(ins, loops, lambda op: op.startswith("MUFU.EX2"))
+    return [op for a, op in ins if loop and loop[0] <= a <= loop[1]]
 
 
 def width(op):
@@ -199,15 +210,12 @@ def gemm_report(arch, M=2752):
             sass, regs, local = compile_sass(fused._gemm_epi_kernel.fn.fn, cfg, args,
                                              dict(kw, TMA=tma, F32_DOT=False, EVEN_K=H % k["BK"] == 0,
                                                   EVEN_N=V % k["BN"] == 0), arch)
-            ops = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)
-            mma = sorted({op for _, op in ops if op.startswith(("HGMMA", "HMMA"))})
-            loops = [(int(a, 16), int(t, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+0x([0-9a-f]+)", sass)]
-            # the mainloop: the shortest backward branch around an MMA (TMA kernels also branch back from
-            # out-of-line barrier waits placed after the last EXIT); the epilogue: from its end to the last EXIT
-            body = [(src - t, src) for src, t in loops if t < src and any(t <= int(a, 16) <= src and op in mma
-                                                                          for a, op in ops)]
-            end, last = min(body)[1] if body else None, max(int(a, 16) for a, op in ops if op == "EXIT")
-            epi = [op for a, op in ops if end is not None and end < int(a, 16) <= last and op not in ("NOP", "BRA", "EXIT")]
+            ins, loops = parse(sass)
+            mma = sorted({op for _, op in ins if op.startswith(("HGMMA", "HMMA"))})
+            # the mainloop: the shortest loop around an MMA (TMA kernels also branch back from out-of-line barrier
+            # waits placed after the last EXIT); the epilogue: from its end to the last EXIT
+            main, last = innermost(ins, loops, lambda op: op in mma), max(a for a, op in ins if op == "EXIT")
+            epi = [op for a, op in ins if main and main[1] < a <= last and op not in ("NOP", "BRA", "EXIT")]
             per_thread = k["BM"] * k["BN"] / (32 * cfg.num_warps)
             smem = cfg.num_stages * (k["BM"] + k["BN"]) * k["BK"] * 2
             ctas = min(resident(regs, cfg.num_warps), 232448 // smem)
