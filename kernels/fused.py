@@ -10,19 +10,20 @@ h [C, H], head W [V, H], sampled tokens y [C] and temperature T (base 2: u = x l
     ent   = ln2 (log2 S - A / S)             ┘
 
 Where the row pass runs:
-  bf16 with GEMM_EPILOGUE (off by default until timed on a GPU): in GEMM 1's epilogue. GEMM 1 is a
-    Triton kernel (_gemm_epi_kernel) whose epilogue takes each [BM, BN] tile's row sums of 2^(u - c) and
+  bf16 on sm_90 / sm_100 (the default, GEMM_EPILOGUE): in GEMM 1's epilogue. GEMM 1 is a Triton kernel
+    (_gemm_epi_kernel, tiles by TMA) whose epilogue takes each [BM, BN] tile's row sums of 2^(u - c) and
     2^(u - c)(u - c) from the fp32 accumulator, so x is never read back and every logit is exact in fp32
     (bf16 products, fp32 sums); a per-row combine adds the tiles' sums (_combine_kernel). c = u_y comes
     from an fp32 dot of h_t and W[y_t] before GEMM 1 (_target_kernel). Forward-only (teacher scoring)
     stores nothing of x at all.
-    Its mainloop takes tiles by cp.async, or by TMA descriptors with GEMM_TMA (sm_90+; which is faster is
-    for a GPU run to say: the bench times both).
-  otherwise (the default; fp32 / fp16 always): GEMM 1 in cuBLAS, stored in the input dtype, then one Triton
-    program per row reads x once (_fwd_kernel).
-On an H100 the row kernel alone took 3.5 ms per 16384 tokens (82-85 % of a copy's bandwidth), 8 % of
-the 3-GEMM floor at H = 2048; the epilogue costs ~8 SASS instructions per logit against a mainloop of
-~2H / 4096 SM clocks per logit (`python -m kernels.sass` counts both).
+  otherwise (fp32 / fp16, GPUs without TMA or without the shared memory for its tiles, rows not 16-byte
+    aligned): GEMM 1 in cuBLAS, stored in the input dtype, then one Triton program per row reads x once
+    (_fwd_kernel).
+On an H100 (kernels/NOTES.md, v5), per 2752-row chunk at H = 2048 with e' stored: GEMM 1 + epilogue 2.84 ms,
+cuBLAS GEMM 1 + the row kernel 2.55 + 0.62 ms (the row kernel moves the logits twice, at 85 % of a copy's
+bandwidth); the same epilogue kernel fed by cp.async instead of TMA took 3.18 ms, so that path is gone. The
+epilogue costs ~8 SASS instructions per logit against a mainloop of ~2H / 4096 SM clocks per logit
+(`python -m kernels.sass` counts both).
 
 Why a fixed shift works: 2^(u - c) is stored in the input dtype, and bf16 / fp32 hold 2^-126..2^127
 at full relative precision. With c = u_y, S >= 1 (the target's own term) and every term that is
@@ -100,11 +101,9 @@ LOG2E = 1.0 / LN2
 # read-modify-write of the fp32 dW accumulator in GEMM 3 (8 V H bytes: ~1 ms at H = 4096 on an H200), so
 # chunks are as large as the memory target allows: peak extra <= 1 GiB + fp32 W.grad at T = 16384, H = 4096.
 CHUNK_BYTES = 832 * 2**20
-# bf16 paths. GEMM_EPILOGUE: GEMM 1 in Triton with the row pass in its epilogue (else cuBLAS + the row kernel);
-# GEMM_TMA: that GEMM's tiles by TMA descriptors (sm_90+) rather than cp.async. Both off until a GPU has timed them:
-# the cuBLAS + row-kernel path is the one measured (kernels/NOTES.md; the bench times all three side by side).
-GEMM_EPILOGUE = False
-GEMM_TMA = False
+# bf16: GEMM 1 in Triton with the row pass in its epilogue where the GPU allows it (_epilogue); False: cuBLAS + the
+# row kernel everywhere (the bench flips it to time both paths in one run)
+GEMM_EPILOGUE = True
 
 
 @triton.jit
@@ -295,16 +294,15 @@ def _bwd_kernel(
 
 
 def _tma_blocks(nargs):
-    """With TMA, h and W come as tensor descriptors, made before autotuning picks a tile: give them its block
-    shapes."""
-    if nargs["TMA"]:
-        nargs["h_ptr"].block_shape = [nargs["BM"], nargs["BK"]]
-        nargs["w_ptr"].block_shape = [nargs["BN"], nargs["BK"]]
+    """h and W come as TMA tensor descriptors, made before autotuning picks a tile: give them its block shapes."""
+    nargs["h_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
 
 
 def _gemm_configs():
-    """GEMM-1 tiles to autotune over (bf16 on sm_80 / sm_90: HGMMA 64xBNx16 from 8 warps, cp.async or TMA pipelined;
-    `python -m kernels.sass` lists what each compiles to). The interpreter gets one small tile."""
+    """GEMM-1 tiles to autotune over (bf16 on sm_90: HGMMA 64xBNx16 from 8 warps, TMA pipelined; they need ~100-200
+    KB of shared memory, see _epilogue; `python -m kernels.sass` lists what each compiles to). The interpreter gets
+    one small tile."""
     if INTERPRET:
         return [triton.Config({"BM": 32, "BN": 64, "BK": 32}, num_warps=4, pre_hook=_tma_blocks)]
     return [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=8, num_stages=st, pre_hook=_tma_blocks)
@@ -338,12 +336,12 @@ SUMS, MAX, DX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 # Several tiles: x and the partial results are pure outputs, so autotuning's reruns need no restore.
-@triton.autotune(configs=_gemm_configs(), key=["V", "H", "EPI", "STORE_E", "HAS_ENT", "TMA"])
-@triton.heuristics({"EVEN_K": lambda a: a["H"] % a["BK"] == 0, "EVEN_N": lambda a: a["V"] % a["BN"] == 0})
+@triton.autotune(configs=_gemm_configs(), key=["V", "H", "EPI", "STORE_E", "HAS_ENT"])
+@triton.heuristics({"EVEN_N": lambda a: a["V"] % a["BN"] == 0})
 @triton.jit
 def _gemm_epi_kernel(
-    h_ptr, stride_h, stride_hk,  # [M, H] hidden states of this chunk (bf16); a tensor descriptor when TMA
-    w_ptr, stride_w, stride_wk,  # [V, H] LM head (bf16); a tensor descriptor when TMA
+    h_desc,  # [M, H] hidden states of this chunk (bf16), a TMA tensor descriptor: zeros past its edges
+    w_desc,  # [V, H] LM head (bf16), a TMA tensor descriptor
     x_ptr, stride_x,  # [M, V] out (bf16): e = 2^(u - c) (SUMS with STORE_E), or dx (DX)
     c_ptr,  # [M] fp32 per row: the shift c (SUMS: u_y from _target_kernel, or the row max), lse2 (DX)
     part_ptr,  # [2, M, >= V / BN] fp32 out per row and tile: SUMS: sum e, sum e (u - c); MAX: max u (plane 0)
@@ -355,9 +353,7 @@ def _gemm_epi_kernel(
     EPI: tl.constexpr,  # SUMS, MAX or DX
     STORE_E: tl.constexpr,  # SUMS: also keep e (the OPD logits gradient up to its row scale) in x
     HAS_ENT: tl.constexpr,  # DX: the entropy's gradient too
-    TMA: tl.constexpr,  # h and W tiles come by the copy engine (sm_90+): no addresses, zeros past the edges
     F32_DOT: tl.constexpr,  # the interpreter's bf16 tl.dot is wrong: upcast there (same products, exact in fp32)
-    EVEN_K: tl.constexpr,  # H % BK == 0: no mask in the K loop
     EVEN_N: tl.constexpr,  # V % BN == 0: no column mask in the epilogue (2 of its ~8 instructions per logit)
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -374,24 +370,8 @@ def _gemm_epi_kernel(
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if TMA:
-        for k in range(0, tl.cdiv(H, BK)):
-            acc = _mma(h_ptr.load([pid_m * BM, k * BK]), w_ptr.load([pid_n * BN, k * BK]), acc, F32_DOT)
-    else:
-        rk = tl.arange(0, BK)
-        # out-of-range rows / columns read row 0 (no mask in the loop); their results are never stored
-        a_ptrs = h_ptr + tl.where(rm < M, rm, 0).to(tl.int64)[:, None] * stride_h + rk[None, :] * stride_hk
-        b_ptrs = w_ptr + tl.where(rn < V, rn, 0).to(tl.int64)[:, None] * stride_w + rk[None, :] * stride_wk
-        for k in range(0, tl.cdiv(H, BK)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
-                b = tl.load(b_ptrs, mask=rk[None, :] < H - k * BK, other=0.0)
-            acc = _mma(a, b, acc, F32_DOT)
-            a_ptrs += BK * stride_hk
-            b_ptrs += BK * stride_wk
+    for k in range(0, tl.cdiv(H, BK)):
+        acc = _mma(h_desc.load([pid_m * BM, k * BK]), w_desc.load([pid_n * BN, k * BK]), acc, F32_DOT)
     rowok = rm < M
     colok = tl.full((1, BN), 1, tl.int1) if EVEN_N else (rn < V)[None, :]
     c = tl.load(c_ptr + rm, mask=rowok, other=0.0)[:, None]
@@ -559,26 +539,28 @@ def _gemm_epi(h, weight, x, c, part, k2, epi, store_e=False, dx=None, inv_t=1.0)
     xo = h if x is None else x  # unwritten when None
     y, glp, gent, ent = dx if dx is not None else (c, c, None, c)  # unread unless DX
     po = part if part is not None else c.view(1, 1, -1)  # unread for DX
-    tma = GEMM_TMA and _tma_ok(h) and _tma_ok(weight)
     # descriptors get their block shapes from the tile autotuning picks (_tma_blocks)
-    hh, ww = (TensorDescriptor.from_tensor(t, [16, 16]) for t in (h, weight)) if tma else (h, weight)
+    hd, wd = (TensorDescriptor.from_tensor(t, [16, 16]) for t in (h, weight))
     _gemm_epi_kernel[lambda cfg: (triton.cdiv(n, cfg["BM"]) * triton.cdiv(V, cfg["BN"]),)](
-        hh, h.stride(0), h.stride(1), ww, weight.stride(0), weight.stride(1), xo, xo.stride(0), c,
-        po, po.stride(1), po.stride(0), y, glp, glp if gent is None else gent, ent, n, V, H, k2, inv_t,
-        EPI=epi, STORE_E=store_e, HAS_ENT=gent is not None, TMA=tma, F32_DOT=INTERPRET)
+        hd, wd, xo, xo.stride(0), c, po, po.stride(1), po.stride(0), y, glp, glp if gent is None else gent, ent,
+        n, V, H, k2, inv_t, EPI=epi, STORE_E=store_e, HAS_ENT=gent is not None, F32_DOT=INTERPRET)
     return triton.cdiv(V, _gemm_epi_kernel.best_config.kwargs["BN"])  # the config the launch ran (set before it)
 
 
 def _tma_ok(t):
-    """Whether t [rows, H] can be read through a TMA descriptor: sm_90+ (or the interpreter), unit inner stride,
-    16-byte aligned base and rows."""
-    return ((INTERPRET or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)) and t.stride(1) == 1
-            and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0)
+    """Whether rows of t [rows, H] can be read through TMA descriptors: unit inner stride, 16-byte aligned base and
+    rows, in its gathered copies too (rows to redo)."""
+    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * t.element_size() % 16 == 0 for s in (t.stride(0), t.shape[1])))
 
 
-def _epilogue(dtype):
-    """Whether GEMM 1 does the row pass in its epilogue for this dtype (module docstring): bf16 with GEMM_EPILOGUE."""
-    return dtype == torch.bfloat16 and GEMM_EPILOGUE
+def _epilogue(hidden, weight):
+    """Whether GEMM 1 does the row pass in its epilogue (module docstring): bf16, GEMM_EPILOGUE, TMA-readable h and W,
+    and a GPU with TMA and room for the tiles (~100-200 KB of shared memory: sm_90 / sm_100, not sm_80 / 86 / 89 /
+    120), or the interpreter."""
+    gpu_ok = INTERPRET or (hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] in (9, 10))
+    return (hidden.dtype == weight.dtype == torch.bfloat16 and GEMM_EPILOGUE and gpu_ok
+            and _tma_ok(hidden) and _tma_ok(weight))
 
 
 def _head_pass(hs, weight, ys, temperature, chunk_rows, epi, fused=None, need_dh=False, need_dw=False):
@@ -689,7 +671,7 @@ def _grad_weight(acc, g, dtype):
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_rows):
-        epi = _epilogue(hidden.dtype)
+        epi = _epilogue(hidden, weight)
         logp, ent, lse2, _, _ = _head_pass(hidden, weight, targets, temperature, chunk_rows, epi)
         ctx.save_for_backward(hidden, weight, targets, lse2, ent)
         ctx.temperature, ctx.chunk_rows, ctx.epi = temperature, chunk_rows, epi  # backward: the same logits
@@ -742,7 +724,7 @@ class _OPDLoss(torch.autograd.Function):
         ls_c, lt_c, w_c = sel(ls), sel(lt), sel(w)
         fused = (ls_c, lt_c, w_c, scale) if (need_dh or need_dw) else None
         logp_c, ent_c, _, dh, acc = _head_pass(sel(hidden), weight, sel(targets), temperature, chunk_rows,
-                                               _epilogue(hidden.dtype), fused, need_dh, need_dw)
+                                               _epilogue(hidden, weight), fused, need_dh, need_dw)
         ratio_c = torch.exp(logp_c - ls_c)
         kl = ls - lt
         loss = scale * (w_c * ratio_c * (ls_c - lt_c)).sum()  # = -scale * sum m ratio adv, adv = -kl

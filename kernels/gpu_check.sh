@@ -6,7 +6,7 @@
 # (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
 # Each step is cut off by its own timeout (150 + 330 + 100 + 70 s): with a 10-minute limit per call, pick steps with ONLY.
 # Optional: ONLY="tests bench step opd" (any subset) runs only those steps.
-# Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, ...) is installed first.
+# Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, pytest-xdist + execnet, ...) is installed first.
 # Optional: VS=path/to/an/older/fused.py times that version too (bench method "vs"), e.g. prepared with
 #     mkdir -p .gpu_prev && git show 340c492:kernels/fused.py > .gpu_prev/fused.py   (then carry .gpu_prev)
 set -uo pipefail
@@ -35,7 +35,10 @@ tests_rc=0 bench_rc=0 step_rc=0 opd_rc=0
 if want tests; then
     log "1/4 tests/test_kernels.py on CUDA"
     # minus the CPU-side checks (the sm_90 build read from SASS, the tiny bench): CI runs those, the bench runs below
-    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    # Triton compiles (every tile config of every kernel variant, on 1-2 cores each) take most of the time: with
+    # pytest-xdist (carried in .whl/, or installed) 8 workers compile side by side
+    XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout 150 $PY -m pytest -q -p no:cacheprovider ${XDIST:-} --durations 8 tests/test_kernels.py \
         -k "not compile_lean and not narrow_stores and not bench_tiny" 2>&1 | tee "$OUT/gpu_tests.log"
     tests_rc=$?
     [ $tests_rc -eq 124 ] && log "ERROR: tests timed out after 150 s"

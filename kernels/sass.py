@@ -168,7 +168,8 @@ def report(arch=90, check=False):
         if local or max(width(op) for op in ops if op.startswith("LDG")) != 16 or \
                 any(width(op) != 16 for op in ops if op.startswith("STG")):
             bad.append(f"scale-and-cast {name}: spills or loads / stores narrower than 16 B")
-    bad += gemm_report(arch)
+    if arch >= 90:  # GEMM 1 + epilogue reads its tiles by TMA: sm_90+ only (fused._epilogue)
+        bad += gemm_report(arch)
     for b in bad:
         print("FAIL", b)
     if check and bad:
@@ -182,34 +183,31 @@ EPI_BUDGET = {0: 12, 1: 12, 2: 24}
 
 def gemm_report(arch, M=2752):
     """GEMM 1 with the row pass in its epilogue (fused._gemm_epi_kernel), per mode and tile config: whether the
-    mainloop runs on the tensor cores (HGMMA on sm_90, HMMA before), what the epilogue costs per logit
+    mainloop runs on the tensor cores (HGMMA on sm_90) fed by TMA, what the epilogue costs per logit
     (SASS instructions after the mainloop / logits per thread: the SMs issue 128 per clock, while the mainloop
     takes ~2H / 4096 clocks per logit on an H100, i.e. 1 at H = 2048), and the stores' width. Returns failures."""
     import triton
     from . import fused
     b16, f, y = torch.empty(8, dtype=torch.bfloat16), torch.empty(8), torch.empty(8, dtype=torch.long)
     grad, fwd = dict(EPI=fused.SUMS, STORE_E=True, HAS_ENT=False), dict(EPI=fused.SUMS, STORE_E=False, HAS_ENT=False)
-    modes = [("epi: opd grad, SUMS+e", grad, False), ("epi: fwd only, SUMS", fwd, False),
-             ("epi: redo max, MAX", dict(EPI=fused.MAX, STORE_E=False, HAS_ENT=False), False),
-             ("epi: lp+ent bwd, DX", dict(EPI=fused.DX, STORE_E=False, HAS_ENT=True), False),
-             ("epi: opd grad, TMA", grad, True), ("epi: fwd only, TMA", fwd, True)]
+    modes = [("epi: opd grad, SUMS+e", grad), ("epi: fwd only, SUMS", fwd),
+             ("epi: redo max, MAX", dict(EPI=fused.MAX, STORE_E=False, HAS_ENT=False)),
+             ("epi: lp+ent bwd, DX", dict(EPI=fused.DX, STORE_E=False, HAS_ENT=True))]
     print(f"\nGEMM 1 + epilogue (_gemm_epi_kernel) for sm_{arch}, M={M} rows, H={H}: CTAs/SM by registers and shared "
           f"memory; epilogue instructions per logit (the mainloop costs ~{2 * H / 4096:.0f} SM clock per logit on an "
           f"H100, the epilogue instr / 128)")
     print(f"{'mode':<24} {'BMxBNxBK':>11} {'warps':>5} {'st':>2} {'regs':>4} {'spill':>5} {'CTA/SM':>6} {'MMA op':<26} "
           f"{'epi/logit':>9} {'st B':>4} {'loads':<10}")
     bad = []
-    for name, kw, tma in modes:
+    for name, kw in modes:
         for cfg in fused._gemm_configs():
             k = cfg.kwargs
-            hh, ww = b16, b16
-            if tma:  # a launch's descriptors, with the block shapes _tma_blocks gives them
-                hh = fused.TensorDescriptor(torch.empty(16, dtype=torch.bfloat16), [M, H], [H, 1], [k["BM"], k["BK"]])
-                ww = fused.TensorDescriptor(torch.empty(16, dtype=torch.bfloat16), [V, H], [H, 1], [k["BN"], k["BK"]])
-            args = (hh, H, 1, ww, H, 1, b16, V, f, f, 1216, M * 1216, y, f, f, f, M, V, H, 1.4427, 1.0)
+            # a launch's descriptors, with the block shapes _tma_blocks gives them
+            hd = fused.TensorDescriptor(torch.empty(16, dtype=torch.bfloat16), [M, H], [H, 1], [k["BM"], k["BK"]])
+            wd = fused.TensorDescriptor(torch.empty(16, dtype=torch.bfloat16), [V, H], [H, 1], [k["BN"], k["BK"]])
+            args = (hd, wd, b16, V, f, f, 1216, M * 1216, y, f, f, f, M, V, H, 1.4427, 1.0)
             sass, regs, local = compile_sass(fused._gemm_epi_kernel.fn.fn, cfg, args,
-                                             dict(kw, TMA=tma, F32_DOT=False, EVEN_K=H % k["BK"] == 0,
-                                                  EVEN_N=V % k["BN"] == 0), arch)
+                                             dict(kw, F32_DOT=False, EVEN_N=V % k["BN"] == 0), arch)
             ins, loops = parse(sass)
             mma = sorted({op for _, op in ins if op.startswith(("HGMMA", "HMMA"))})
             # the mainloop: the shortest loop around an MMA (TMA kernels also branch back from out-of-line barrier
@@ -229,8 +227,8 @@ def gemm_report(arch, M=2752):
                 bad.append(f"{what}: {local} bytes of spills")
             if not mma or (arch >= 90 and not mma[0].startswith("HGMMA")):
                 bad.append(f"{what}: the mainloop is not on the tensor cores ({mma or 'no MMA'})")
-            if loads != ("TMA" if tma else "cp.async"):
-                bad.append(f"{what}: the mainloop loads by {loads}, not {'TMA' if tma else 'cp.async'}")
+            if loads != "TMA":
+                bad.append(f"{what}: the mainloop loads by {loads}, not TMA")
             if not ctas:
                 bad.append(f"{what}: does not fit on an SM")
             budget = EPI_BUDGET[int(kw["EPI"])]
