@@ -414,6 +414,7 @@ def profile(V, H, T, dev, mod=fused, label="ours", path=None):
         end.record()
         torch.cuda.synchronize()
         walls.append(start.elapsed_time(end))
+    host = host_timing(mod, call)
     on_gpu = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     kernels = {}  # name -> [count, us]: the GPU-side kernel events (the CPU-side ops only launch them)
     for e in on_gpu:
@@ -438,8 +439,55 @@ def profile(V, H, T, dev, mod=fused, label="ours", path=None):
         print(f"  {(b.time_range.start - a.time_range.end) / 1e3:6.2f} ms at +{(a.time_range.end - t0) / 1e3:6.2f} ms: "
               f"host in {' > '.join(busy[-6:]) or '(no op)'}")
         print(f"      after  {a.name[:150]}\n      before {b.name[:150]}")
+    print(host)
     if not kernels:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
+
+
+def host_timing(mod, call, n=5):
+    """The host side of `call` (one fwd+bwd of mod.opd_loss_triton), for gaps where the GPU waits on it: how long
+    loss.backward() takes to enter _OPDLoss.backward (the autograd engine's start; after the forward's last host
+    sync the GPU has nothing queued then), Python's garbage collections during the calls, and the wall time with
+    the collector off. Returns the lines to print."""
+    import gc
+    entered, gcs, t = [], [], {}
+    fn = mod._OPDLoss.backward
+
+    def backward(ctx, *g):  # autograd looks the method up on the class at each call
+        entered.append(time.perf_counter())
+        return fn(ctx, *g)
+
+    def on_gc(phase, info):
+        if phase == "start":
+            t["gc"] = time.perf_counter()
+        else:
+            gcs.append(time.perf_counter() - t["gc"])
+    orig_opd = mod.opd_loss_triton
+
+    def opd(*a, **k):  # the call's own loss.backward() follows right after: note when it starts
+        out = orig_opd(*a, **k)
+        t["bwd"] = time.perf_counter()
+        return out
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    waits, walls = [], {True: [], False: []}
+    mod._OPDLoss.backward, mod.opd_loss_triton = staticmethod(backward), opd
+    gc.callbacks.append(on_gc)
+    try:
+        for collect in (True, False) * n:
+            (gc.enable if collect else gc.disable)()
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            walls[collect].append((time.perf_counter() - t0) * 1e3)
+            waits.append((entered[-1] - t["bwd"]) * 1e3)
+    finally:
+        gc.enable()
+        gc.callbacks.remove(on_gc)
+        mod._OPDLoss.backward, mod.opd_loss_triton = staticmethod(fn), orig_opd
+    return (f"  host: loss.backward() -> _OPDLoss.backward entered after {statistics.median(waits):.2f} ms (median, max "
+            f"{max(waits):.2f}); {len(gcs)} Python GCs in {2 * n} calls, {sum(gcs) * 1e3:.2f} ms in all; wall "
+            f"{statistics.median(walls[True]):.2f} ms with the GC on, {statistics.median(walls[False]):.2f} ms off")
 
 
 def gemm_sweep(V, Hs, dev, out):

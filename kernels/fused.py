@@ -593,8 +593,9 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, epi, fused=None, need_dh
     fp16 = dt == torch.float16  # 2^(u - c) has no room in fp16 unless c is the row max
     block_h = min(1024, triton.next_power_of_2(H))
 
-    def chunk(rows, o, dh_rows, row_max=fp16, first=False):
-        """Chunk `rows` (a slice or an index tensor of tokens) into outputs o [5, n] and dh_rows [n, H]."""
+    def row_pass(rows, o, row_max=fp16):
+        """GEMM 1 and the row pass of chunk `rows` (a slice or an index tensor of tokens) into outputs o [5, n].
+        Returns its hidden rows and logits buffer (e' when fused) for grads."""
         h = hs[rows]
         n = h.shape[0]
         x = buf[:n] if buf is not None else None
@@ -620,7 +621,11 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, epi, fused=None, need_dh
                 x, x.stride(0), ys[rows], c, *o, ls[rows], lt[rows], m[rows], *hw, H, V, k2, 1.0 / temperature,
                 float(scale), FUSED_GRAD=fused is not None, EXACT_Y=torch.finfo(dt).bits == 16, GIVEN_C=row_max,
                 BLOCK_H=block_h)
-        alpha = o[3]
+        return h, x
+
+    def grads(h, x, alpha, dh_rows, first=False):
+        """GEMMs 2 and 3 of a chunk: its dh rows [n, H], and its term of dW."""
+        n = h.shape[0]
         if need_dh:  # dx = alpha x: scale GEMM 2's output rows, in fp32 before the one rounding
             _mm32(x, weight, dh32[:n])
             _scale_cast(dh32[:n], alpha, dh_rows)
@@ -629,13 +634,17 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, epi, fused=None, need_dh
 
     for r0 in range(0, M, C):
         rows = slice(r0, min(r0 + C, M))
-        chunk(rows, out[:, rows], dh[rows] if need_dh else None, first=r0 == 0)
-    redo = torch.nonzero(out[4]).squeeze(1)  # the second host sync; rows almost never need it
+        h, x = row_pass(rows, out[:, rows])
+        if r0 + C >= M:  # the second host sync: which rows to redo (almost never any). Before the last chunk's
+            # GEMMs 2 and 3, so that the host returns and starts backward while they run: a sync at the end left
+            # the GPU idle for 3 ms between the forward's last kernel and backward's first (H100 profile, v5)
+            redo = torch.nonzero(out[4]).squeeze(1)
+        grads(h, x, out[3, rows], dh[rows] if need_dh else None, first=r0 == 0)
     for i in range(0, redo.numel(), C):
         rows = redo[i:i + C]
         o = torch.empty(5, rows.numel(), device=dev, dtype=torch.float32)
         dh_rows = torch.empty(rows.numel(), H, device=dev, dtype=dt) if need_dh else None
-        chunk(rows, o, dh_rows, row_max=True)
+        grads(*row_pass(rows, o, row_max=True), o[3], dh_rows)
         out.index_copy_(1, rows, o)
         if need_dh:
             dh.index_copy_(0, rows, dh_rows)

@@ -471,6 +471,20 @@ def test_bench_breakdown_runs(monkeypatch, capsys):
     assert len(launched) == 16 and "GEMM 1 + epilogue: BM=" in out and "3-GEMM floor" in out, out
 
 
+def test_bench_host_timing_runs():
+    """The profile's host-side timing (GPU diagnostics) runs on CPU, sees the backward entered, and puts fused.py back
+    as it was."""
+    from kernels import bench
+    h, w, y = make(16, 300, 64, BF16, seed=11)
+    h, w = leaf(h), leaf(w)
+    ls = -torch.rand(16, device=DEV)
+    backward, opd = fused._OPDLoss.backward, fused.opd_loss_triton
+    out = bench.host_timing(fused, lambda: fused.opd_loss_triton(h, w, y, ls, ls - 0.3, torch.ones(16, device=DEV),
+                                                                 0.1)[0].backward(), n=1)
+    assert "_OPDLoss.backward entered after" in out and "with the GC on" in out, out
+    assert fused._OPDLoss.backward is backward and fused.opd_loss_triton is opd and h.grad is not None
+
+
 def test_bench_tiny_runs(tmp_path):
     """kernels.bench end to end on CPU (tiny sizes, interpreter), with --vs loading a second fused.py: so
     that a GPU session never spends its minutes on a Python error in the benchmark."""
