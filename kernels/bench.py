@@ -671,7 +671,11 @@ def write_csv(rows, path):
 
 
 def _free(dev):
-    return torch.cuda.mem_get_info()[0] if dev.type == "cuda" else float("inf")
+    """Bytes a method can still allocate: the device's free memory plus what PyTorch's allocator holds unused (the
+    previous method's cache; without it torch.compile was skipped on an 80 GB card right after naive torch ran)."""
+    if dev.type != "cuda":
+        return float("inf")
+    return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
 
 def report(rows, T_main, out, ab=()):

@@ -4,7 +4,7 @@
 #     bash kernels/gpu_check.sh            # logs, bench.csv, bench.png go to $OUT (else ./bench_out)
 # Then the whole-model step benchmark (kernels/bench_step.py) and a short training run of opd.py on the GPU
 # (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
-# Each step is cut off by its own timeout (150 + 330 + 100 + 70 s): with a 10-minute limit per call, pick steps with ONLY.
+# Each step is cut off by its own timeout (150 + 420 + 100 + 70 s): with a 10-minute limit per call, pick steps with ONLY.
 # Optional: ONLY="tests bench step opd" (any subset) runs only those steps.
 # Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, pytest-xdist + execnet, ...) is installed first.
 # Optional: VS=path/to/an/older/fused.py times that version too (bench method "vs"), e.g. prepared with
@@ -47,9 +47,9 @@ fi
 if want bench; then
     log "2/4 python -m kernels.bench (quick) -> $OUT"
     VS="${VS:-$(ls .gpu_prev/fused.py 2>/dev/null)}"
-    timeout 330 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
+    timeout 420 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
     bench_rc=$?
-    [ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 330 s"
+    [ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 420 s"
 fi
 
 if want step; then
