@@ -548,9 +548,10 @@ def _gemm_epi(h, weight, x, c, part, k2, epi, store_e=False, dx=None, inv_t=1.0)
 
 
 def _tma_ok(t):
-    """Whether rows of t [rows, H] can be read through TMA descriptors: unit inner stride, 16-byte aligned base and
-    rows, in its gathered copies too (rows to redo)."""
-    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0
+    """Whether rows of t [rows, H] can be read through TMA descriptors: unit inner stride, rows that do not overlap
+    (a descriptor's row stride spans at least its row), 16-byte aligned base and rows, in its gathered copies too
+    (rows to redo)."""
+    return (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
             and all(s * t.element_size() % 16 == 0 for s in (t.stride(0), t.shape[1])))
 
 

@@ -374,20 +374,29 @@ def test_nan_hidden_row_gives_nan(epi):
 
 
 def test_epilogue_falls_back_where_tma_cannot_read(monkeypatch):
-    """bf16 hidden rows that TMA cannot read (52 * 2 bytes is not a multiple of 16; a transposed view) take
-    cuBLAS + the row kernel, with results as good; the aligned twin of the first does take the epilogue."""
+    """bf16 hidden rows that TMA cannot read take cuBLAS + the row kernel, with results as good: rows of 52 * 2 bytes
+    (not a multiple of 16), a transposed view, rows 120 bytes apart, a base 2 bytes off, rows that overlap (stride
+    0). Rows 128 bytes apart with 112 used (a column slice) are fine for TMA and take the epilogue."""
     made = []
     make_desc = fused.TensorDescriptor.from_tensor
     monkeypatch.setattr(fused.TensorDescriptor, "from_tensor", staticmethod(lambda *a: made.append(1) or make_desc(*a)))
-    h, w, y = make(37, 1007, 52, BF16, seed=10)
-    h56, w56, _ = make(37, 1007, 56, BF16, seed=10)
-    for hh, ww, tma in ((h, w, False), (h.t().contiguous().t(), w, False), (h56, w56, True)):
+    h52, w52, y = make(37, 1007, 52, BF16, seed=10)
+    h64, w, _ = make(37, 1007, 64, BF16, seed=10)
+    h56, w = h64[:, :56], w[:, :56].contiguous()
+    padded = torch.zeros(37, 60, device=DEV, dtype=BF16)
+    padded[:, :56] = h56
+    shifted = torch.zeros(37 * 56 + 1, device=DEV, dtype=BF16)[1:].view(37, 56)
+    shifted.copy_(h56)
+    cases = {"rows of 104 B": (h52, w52, False), "transposed": (h56.t().contiguous().t(), w, False),
+             "rows 120 B apart": (padded[:, :56], w, False), "base 2 B off": (shifted, w, False),
+             "overlapping rows": (h56[:1].expand(37, 56), w, False), "column slice": (h56, w, True)}
+    for what, (hh, ww, tma) in cases.items():
         made.clear()
         with torch.no_grad():
             lp, en = fused.token_logprobs_triton(hh, ww, y)
             lp64, en64 = ref.token_logprobs_ref(hh.double(), ww.double(), y)
-        assert bool(made) == tma and fused._epilogue(hh, ww) == tma
-        assert rel(lp, lp64) < 2e-2 and rel(en, en64) < 2e-2, (rel(lp, lp64), rel(en, en64))
+        assert bool(made) == tma and fused._epilogue(hh, ww) == tma, what
+        assert rel(lp, lp64) < 2e-2 and rel(en, en64) < 2e-2, (what, rel(lp, lp64), rel(en, en64))
 
 
 def test_fp16_uses_the_row_max():
