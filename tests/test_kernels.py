@@ -494,6 +494,24 @@ def test_bench_host_timing_runs():
     assert fused._OPDLoss.backward is backward and fused.opd_loss_triton is opd and h.grad is not None
 
 
+@pytest.mark.parametrize("epi", [True, False])
+def test_bench_diagnose_plan(monkeypatch, capsys, epi):
+    """Which diagnostics a GPU run gets (each stood in for: they need CUDA): both paths' profiles, the breakdown and
+    the sweeps where GEMM 1 + epilogue runs; only the cuBLAS + row path where it does not."""
+    from kernels import bench
+    ran = []
+    monkeypatch.setattr(fused, "GEMM_EPILOGUE", epi)
+    monkeypatch.setattr(bench, "profile", lambda V, H, T, dev, mod=fused, label="ours", path=None: ran.append(
+        ("profile", label, path)))
+    for name in ("breakdown", "row_kernel_sweep", "gemm_sweep"):
+        monkeypatch.setattr(bench, name, lambda *a, name=name: ran.append((name,)))
+    bench.diagnose(1007, (64,), 96, torch.device(DEV), "unused", vs="vs module")
+    paths = [("profile", "ours", "epilogue")] if epi else []
+    assert ran == [("row_kernel_sweep",)] + paths + [("profile", "ours", "cublas+row"), ("profile", "vs", None)] + (
+        [("breakdown",), ("gemm_sweep",)] if epi else []), ran
+    assert ("is off here" in capsys.readouterr().out) != epi
+
+
 def test_bench_tiny_runs(tmp_path):
     """kernels.bench end to end on CPU (tiny sizes, interpreter), with --vs loading a second fused.py: so
     that a GPU session never spends its minutes on a Python error in the benchmark."""
