@@ -17,13 +17,13 @@ Where the row pass runs:
     from an fp32 dot of h_t and W[y_t] before GEMM 1 (_target_kernel). Forward-only (teacher scoring)
     stores nothing of x at all.
   otherwise (fp32 / fp16, GPUs without TMA or without the shared memory for its tiles, rows not 16-byte
-    aligned): GEMM 1 in cuBLAS, stored in the input dtype, then one Triton program per row reads x once
-    (_fwd_kernel).
-On an H100 (kernels/NOTES.md, v5), per 2752-row chunk at H = 2048 with e' stored: GEMM 1 + epilogue 2.84 ms,
-cuBLAS GEMM 1 + the row kernel 2.55 + 0.62 ms (the row kernel moves the logits twice, at 85 % of a copy's
-bandwidth); the same epilogue kernel fed by cp.async instead of TMA took 3.18 ms, so that path is gone. The
-epilogue costs ~8 SASS instructions per logit against a mainloop of ~2H / 4096 SM clocks per logit
-(`python -m kernels.sass` counts both).
+    aligned or overlapping): GEMM 1 in cuBLAS, stored in the input dtype, then one Triton program per row
+    reads x once (_fwd_kernel).
+On an H100 (kernels/NOTES.md, runs 8-9), per 2752-row chunk at H = 2048 with e' stored: GEMM 1 + epilogue
+2.46-2.84 ms, cuBLAS GEMM 1 + the row kernel 2.49-2.55 + 0.62 ms (the row kernel moves the logits twice, at
+85 % of a copy's bandwidth); the same epilogue kernel fed by cp.async instead of TMA took 3.18 ms, so that path
+is gone. The epilogue costs ~8 SASS instructions per logit against a mainloop of ~2H / 4096 SM clocks per
+logit (`python -m kernels.sass` counts both).
 
 Why a fixed shift works: 2^(u - c) is stored in the input dtype, and bf16 / fp32 hold 2^-126..2^127
 at full relative precision. With c = u_y, S >= 1 (the target's own term) and every term that is
