@@ -5,9 +5,9 @@
     python -m kernels.bench --tiny          # CPU smoke test (Triton interpreter, tiny sizes)
 
 bf16, V=151936. Every method computes the same OPD loss, scale * sum_t m_t exp(logp_t - ls_t) (ls_t - lt_t),
-ours in one op, the others from their per-token logp (for Liger / CCE: -CE). Times are medians of triton.testing.do_bench
-(it flushes L2 before every call; the operands are far larger than L2 anyway). Floors: one cuBLAS
-h @ W^T (bf16 out) for forward-only, 3x that for forward + backward. Peak extra memory is
+ours in one op, the others from their per-token logp (for Liger / CCE: -CE). Times are medians of
+triton.testing.do_bench (it flushes L2 before every call; the operands are far larger than L2 anyway). Floors:
+one cuBLAS h @ W^T (bf16 out) for forward-only, 3x that for forward + backward. Peak extra memory is
 max_memory_allocated during one call minus what was allocated before (inputs), gradients included.
 Gradient error: ||g - g_ref|| / ||g_ref|| over dh and dW (the larger), against the same OPD loss in
 fp32 (no TF32) on the same bf16-rounded inputs, at T=2048. Logits have std 2 (max ~9); bf16 logits
@@ -304,8 +304,8 @@ def tuned(kernel):
 
 
 def breakdown(V, H, T, dev):
-    """Where ours' fwd+bwd time goes at T tokens on the epilogue path: each step of one chunk timed alone, on the data ours
-    sees (GEMMs 2 and 3 read the epilogue's e', GEMM 3's alpha h sits in the strided scratch), times
+    """Where ours' fwd+bwd time goes at T tokens on the epilogue path: each step of one chunk timed alone, on the data
+    ours sees (GEMMs 2 and 3 read the epilogue's e', GEMM 3's alpha h sits in the strided scratch), times
     the number of chunks, next to the 3-GEMM floor (sum over chunks of GEMM 1 alone is not the floor:
     the floor is one T-row GEMM; small chunks lose there too). Reference rows show the alternatives
     (the cuBLAS + row-kernel path among them)."""
@@ -361,7 +361,8 @@ def breakdown(V, H, T, dev):
         ("copy x (read + write: the row kernel's floor)", lambda: x.copy_(x0), 0),
         ("GEMM 2  e' W (fp32 out)", lambda: fused._mm32(e0, w, dh32), n),
         ("GEMM 2  e' W (bf16 out)", lambda: torch.mm(e0, w), 0),
-        ("dh rows * alpha, h * alpha", lambda: (fused._scale_cast(dh32, o[4], ha_c), fused._scale_cast(h, o[4], ha)), n),
+        ("dh rows * alpha, h * alpha",
+         lambda: (fused._scale_cast(dh32, o[4], ha_c), fused._scale_cast(h, o[4], ha)), n),
         ("GEMM 3  acc += e'^T (alpha h), strided scratch", lambda: fused._acc_dw(acc, e0, ha, first=False), n),
         ("GEMM 3  same, alpha h contiguous", lambda: fused._acc_dw(acc, e0, ha_c, first=False), 0),
         ("GEMM 3  e'^T h (bf16 out, no accumulate)", lambda: torch.mm(e0.t(), h), 0),
@@ -431,8 +432,8 @@ def profile(V, H, T, dev, mod=fused, label="ours", path=None):
         print(f"  {us / 1e3:8.2f} ms  x{count:<3d} {name[:100]}")
     gaps = sorted(((b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(on_gpu, on_gpu[1:])),
                   reverse=True)
-    print(f"  GPU idle between kernels: {sum(g for g, _, _ in gaps) / 1e3:.2f} ms; the largest gaps, with what the host "
-          f"was doing then (the CPU-side ops spanning the gap's middle, outermost first):")
+    print(f"  GPU idle between kernels: {sum(g for g, _, _ in gaps) / 1e3:.2f} ms; the largest gaps, with what the "
+          f"host was doing then (the CPU-side ops spanning the gap's middle, outermost first):")
     t0 = on_gpu[0].time_range.start if on_gpu else 0
     on_cpu = [e for e in prof.events() if e.device_type.name == "CPU"]
     for a, b in sorted(zip(on_gpu, on_gpu[1:]), key=lambda ab: ab[0].time_range.end - ab[1].time_range.start)[:5]:
@@ -488,15 +489,16 @@ def host_timing(mod, call, n=5):
         gc.enable()
         gc.callbacks.remove(on_gc)
         mod._OPDLoss.backward, mod.opd_loss_triton = staticmethod(fn), orig_opd
-    return (f"  host: loss.backward() -> _OPDLoss.backward entered after {statistics.median(waits):.2f} ms (median, max "
-            f"{max(waits):.2f}); {len(gcs)} Python GCs in {2 * n} calls, {sum(gcs) * 1e3:.2f} ms in all; wall "
-            f"{statistics.median(walls[True]):.2f} ms with the GC on, {statistics.median(walls[False]):.2f} ms off")
+    return (f"  host: loss.backward() -> _OPDLoss.backward entered after {statistics.median(waits):.2f} ms "
+            f"(median, max {max(waits):.2f}); {len(gcs)} Python GCs in {2 * n} calls, {sum(gcs) * 1e3:.2f} ms in "
+            f"all; wall {statistics.median(walls[True]):.2f} ms with the GC on, "
+            f"{statistics.median(walls[False]):.2f} ms off")
 
 
 def gemm_sweep(V, Hs, dev, out):
-    """TFLOP/s of the three GEMMs (and of GEMM 1 with our epilogue) at each chunk size C (rows): which C the GPU likes. Output tiles come in
-    waves over the SMs, so a C a little too large for a whole wave can cost more than it saves.
-    GEMM 2 is also timed split in two along V (a batched GEMM + a sum): twice the tiles, for when its
+    """TFLOP/s of the three GEMMs (and of GEMM 1 with our epilogue) at each chunk size C (rows): which C the GPU
+    likes. Output tiles come in waves over the SMs, so a C a little too large for a whole wave can cost more than
+    it saves. GEMM 2 is also timed split in two along V (a batched GEMM + a sum): twice the tiles, for when its
     C x H output is too few tiles to fill the GPU. Writes gemm_sweep.csv."""
     import triton.testing
     dt, rows, split_ok = torch.bfloat16, [], None if V % 2 == 0 else False
