@@ -617,8 +617,8 @@ def main():
                 rows.append(dict(before[0], method="cublas_gemm_after", ms=ms, tflops=2 * T * V * H / ms / 1e9))
                 write_csv(rows, csv_path)
                 try:  # a failure here must not cost the rest of the run
-                    ab += interleaved({k: meths[k] for k in meths if k in ("ours", "vs") or k.startswith("ours_")
-                                       and not k.startswith(("ours_C", "ours_tl"))}, h, w, y, c, opd, dev)
+                    paths = {"ours", "vs"} | {f"ours_{p}" for p in PATHS}  # ours' paths, the other version
+                    ab += interleaved({k: f for k, f in meths.items() if k in paths}, h, w, y, c, opd, dev)
                     write_csv(ab, os.path.join(args.out, "interleaved.csv"))
                 except Exception as e:
                     print(f"interleaved timing failed: {type(e).__name__}: {e}")

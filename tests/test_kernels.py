@@ -102,13 +102,20 @@ def paths(cases):
 
 
 @pytest.fixture
-def epi(request, monkeypatch):
-    """Whether GEMM 1's epilogue does the bf16 row pass (else cuBLAS + the row kernel); checks afterwards that the
-    path asked for is the one that ran: TMA descriptors made for bf16 GEMMs on the epilogue path, and only there."""
-    monkeypatch.setattr(fused, "GEMM_EPILOGUE", request.param)
+def descriptors(monkeypatch):
+    """A list that gets an entry for every TMA descriptor fused.py makes (only GEMM 1 + epilogue makes them)."""
     made = []
     make = fused.TensorDescriptor.from_tensor
     monkeypatch.setattr(fused.TensorDescriptor, "from_tensor", staticmethod(lambda *a: made.append(1) or make(*a)))
+    return made
+
+
+@pytest.fixture
+def epi(request, monkeypatch, descriptors):
+    """Whether GEMM 1's epilogue does the bf16 row pass (else cuBLAS + the row kernel); checks afterwards that the
+    path asked for is the one that ran: TMA descriptors made for bf16 GEMMs on the epilogue path, and only there."""
+    monkeypatch.setattr(fused, "GEMM_EPILOGUE", request.param)
+    made = descriptors
     yield request.param
     params = request.node.callspec.params  # (an fp32 case or an all-masked one makes no GEMM of bf16 rows)
     assert bool(made) == (request.param and params.get("dtype", BF16) == BF16 and params.get("mask_kind") != "zeros")
@@ -373,13 +380,11 @@ def test_nan_hidden_row_gives_nan(epi):
     assert torch.allclose(lp[keep].double(), lp64[keep], atol=2e-2)
 
 
-def test_epilogue_falls_back_where_tma_cannot_read(monkeypatch):
+def test_epilogue_falls_back_where_tma_cannot_read(descriptors):
     """bf16 hidden rows that TMA cannot read take cuBLAS + the row kernel, with results as good: rows of 52 * 2 bytes
     (not a multiple of 16), a transposed view, rows 120 bytes apart, a base 2 bytes off, rows that overlap (stride
     0). Rows 128 bytes apart with 112 used (a column slice) are fine for TMA and take the epilogue."""
-    made = []
-    make_desc = fused.TensorDescriptor.from_tensor
-    monkeypatch.setattr(fused.TensorDescriptor, "from_tensor", staticmethod(lambda *a: made.append(1) or make_desc(*a)))
+    made = descriptors
     h52, w52, y = make(37, 1007, 52, BF16, seed=10)
     h64, w, _ = make(37, 1007, 64, BF16, seed=10)
     h56, w = h64[:, :56], w[:, :56].contiguous()
