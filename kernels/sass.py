@@ -2,6 +2,7 @@
 
     python -m kernels.sass              # sm_90 (H100 / H200): one line per kernel variant and launch config
     python -m kernels.sass --arch 80    # A100
+    python -m kernels.sass --arch 100   # B200 / GB200: tcgen05 (the tensor-memory MMA) in GEMM 1 + epilogue
     python -m kernels.sass --check      # exit 1 unless every variant compiles without spills, every bf16
                                         # hot loop (and the scale-and-cast kernel) moves 16 bytes per load /
                                         # store instruction, and GEMM 1 + epilogue runs on the tensor cores
@@ -87,7 +88,8 @@ def compile_sass(fn, cfg, args, kw, arch):
 def parse(sass):
     """(address, opcode) of every instruction, and (start, end) of every loop: a branch at end back to start."""
     ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)]
-    branches = re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+0x([0-9a-f]+)", sass)
+    # "BRA 0x510" (sm_90) or "BRA.U UP0, 0x510" (sm_100: the uniform predicate as an operand)
+    branches = re.findall(r"/\*([0-9a-f]{4,})\*/[^\n]*BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)", sass)
     return ins, [(int(t, 16), int(a, 16)) for a, t in branches if int(t, 16) < int(a, 16)]
 
 
@@ -168,13 +170,17 @@ def report(arch=90, check=False):
         if local or max(width(op) for op in ops if op.startswith("LDG")) != 16 or \
                 any(width(op) != 16 for op in ops if op.startswith("STG")):
             bad.append(f"scale-and-cast {name}: spills or loads / stores narrower than 16 B")
-    if arch // 10 == 9:  # GEMM 1 + epilogue (TMA, wgmma): checked for Hopper, where it is timed (fused._epilogue)
+    if arch // 10 in EPI_MMA:  # GEMM 1 + epilogue: where fused._epilogue runs it
         bad += gemm_report(arch)
     for b in bad:
         print("FAIL", b)
     if check and bad:
         sys.exit(1)
 
+
+# The tensor-core instruction GEMM 1 + epilogue must compile to, where fused._epilogue runs it: wgmma on Hopper
+# (timed on H100s), tcgen05 (accumulator in tensor memory, read back by LDTM) on datacenter Blackwell (never run)
+EPI_MMA = {9: "HGMMA", 10: "UTCHMMA"}
 
 # Epilogue instructions per logit allowed, per mode (SUMS, MAX, DX): at H = 2048 on an H100 the mainloop gives
 # each logit ~1 SM clock, in which the SM issues 128 instructions; 12 is ~9 % of that when nothing overlaps it.
@@ -183,7 +189,7 @@ EPI_BUDGET = {0: 12, 1: 12, 2: 24}
 
 def gemm_report(arch, M=2752):
     """GEMM 1 with the row pass in its epilogue (fused._gemm_epi_kernel), per mode and tile config: whether the
-    mainloop runs on the tensor cores (HGMMA on sm_90) fed by TMA, what the epilogue costs per logit
+    mainloop runs on the tensor cores (HGMMA on sm_90, UTCHMMA on sm_100) fed by TMA, what the epilogue costs per logit
     (SASS instructions after the mainloop / logits per thread: the SMs issue 128 per clock, while the mainloop
     takes ~2H / 4096 clocks per logit on an H100, i.e. 1 at H = 2048), and the stores' width. Returns failures."""
     import triton
@@ -209,7 +215,7 @@ def gemm_report(arch, M=2752):
             sass, regs, local = compile_sass(fused._gemm_epi_kernel.fn.fn, cfg, args,
                                              dict(kw, F32_DOT=False, EVEN_N=V % k["BN"] == 0), arch)
             ins, loops = parse(sass)
-            mma = sorted({op for _, op in ins if op.startswith(("HGMMA", "HMMA"))})
+            mma = sorted({op for _, op in ins if op.startswith(("HGMMA", "UTCHMMA", "HMMA"))})
             # the mainloop: the shortest loop around an MMA (TMA kernels also branch back from out-of-line barrier
             # waits placed after the last EXIT); the epilogue: from its end to the last EXIT
             main, last = innermost(ins, loops, lambda op: op in mma), max(a for a, op in ins if op == "EXIT")
@@ -225,7 +231,7 @@ def gemm_report(arch, M=2752):
             what = f"GEMM epilogue {name} {k['BM']}x{k['BN']}x{k['BK']} warps={cfg.num_warps} stages={cfg.num_stages}"
             if local:
                 bad.append(f"{what}: {local} bytes of spills")
-            if not mma or (arch >= 90 and not mma[0].startswith("HGMMA")):
+            if not any(op.startswith(EPI_MMA[arch // 10]) for op in mma):
                 bad.append(f"{what}: the mainloop is not on the tensor cores ({mma or 'no MMA'})")
             if loads != "TMA":
                 bad.append(f"{what}: the mainloop loads by {loads}, not TMA")
@@ -242,7 +248,7 @@ def gemm_report(arch, M=2752):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda msg: (print(f"kernels.sass: error: {msg}", file=sys.stderr), sys.exit(2))
-    p.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100/H200)")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100/H200), 100 (B200)")
     p.add_argument("--check", action="store_true", help="exit 1 on spills or narrow bf16 loads/stores")
     a = p.parse_args()
     if a.arch < 75:

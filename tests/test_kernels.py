@@ -431,16 +431,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_INTERPRETER = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def test_row_kernels_compile_lean_for_h100():
-    """What the interpreter cannot see: every row kernel variant and launch config builds for sm_90 (Triton +
-    ptxas, no GPU needed) without spills, each bf16 hot loop moving 16 bytes per load / store instruction at
-    <= 20 instructions per logit; the scale-and-cast kernel's data moves 16 bytes at a time too; GEMM 1 with
-    its epilogue builds in every mode and tile config with HGMMA (tensor core) mainloops and 16-byte stores."""
-    r = subprocess.run([sys.executable, "-m", "kernels.sass", "--check"], cwd=ROOT, env=NO_INTERPRETER,
-                       capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("arch, mma", [(90, " HGMMA.64x"), (100, " UTCHMMA ")])
+def test_kernels_compile_lean_for_hopper_and_blackwell(arch, mma):
+    """What the interpreter cannot see: every row kernel variant and launch config builds for sm_90 (H100 / H200)
+    and sm_100 (B200; Triton + ptxas, no GPU needed) without spills, each bf16 hot loop moving 16 bytes per load /
+    store instruction at <= 20 instructions per logit; the scale-and-cast kernel's data moves 16 bytes at a time
+    too; GEMM 1 with its epilogue, which fused._epilogue runs on both, builds in every mode and tile config with
+    tensor-core mainloops (wgmma on sm_90, tcgen05 on sm_100) fed by TMA and 16-byte stores."""
+    r = subprocess.run([sys.executable, "-m", "kernels.sass", "--check", "--arch", str(arch)], cwd=ROOT,
+                       env=NO_INTERPRETER, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.count("opd_loss grad") == 18 and "FAIL" not in r.stdout  # bf16, fp16, fp32 x 6 configs
-    assert r.stdout.count(" HGMMA.64x") == 4 * 5, r.stdout[-3000:]  # GEMM 1 + epilogue: 4 modes x 5 tile configs
+    assert r.stdout.count(mma) == 4 * 5, r.stdout[-3000:]  # GEMM 1 + epilogue: 4 modes x 5 tile configs
 
 
 def test_sass_check_sees_narrow_stores(tmp_path):
