@@ -6,7 +6,7 @@ mean accuracy over the k samples (mean acc@k). The ± in the table is the 95% no
 interval over questions: 1.96 * sd(per-question acc@k) / sqrt(#questions).
 
     python eval.py                                   # embedded student + teacher on the held-out set
-    python eval.py --model ckpt/step50 ckpt/step60 \\
+    python eval.py --model runs/x/step_000050 runs/x/step_000060 \\
         --data math500=math500.jsonl aime24=aime24.parquet aime25=aime25.jsonl gpqa=gpqa_diamond.csv \\
                mmlupro=mmlu_pro_test.parquet
     python eval.py --model Qwen/Qwen3-1.7B-Base --teacher-prefix Qwen/Qwen3-8B \\
@@ -356,9 +356,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     try:
         args.prefix_lengths = [int(x) for x in args.prefix_lengths.split(",")]
-        args.data = dict(d.split("=", 1) for d in args.data)
     except ValueError:
-        raise BadInput("--prefix-lengths takes integers like 0,2048,4096 and --data takes BENCH=FILE pairs")
+        raise BadInput(f"--prefix-lengths takes integers like 0,2048,4096 (got {args.prefix_lengths!r})")
+    bad = [d for d in args.data if "=" not in d]
+    if bad:
+        raise BadInput(f"--data takes BENCH=FILE pairs, e.g. math500=math500.jsonl (got {bad[0]!r})")
+    args.data = dict(d.split("=", 1) for d in args.data)
     args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else \
         list(args.data) or ["embedded"]
     for b in args.benchmarks + list(args.data):

@@ -247,7 +247,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=SAMPLES, help="rollouts per prompt")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
-    p.add_argument("--prefix-start", type=int, default=1, help="L at step 0 of the --delta schedule")
+    p.add_argument("--prefix-start", type=int, help="L at step 0 of the --delta schedule (default 1)")
     p.add_argument("--mean-length", type=int, help="natural rollout length: caps every rollout")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prefix", type=int, help="fixed prefix L")
@@ -257,10 +257,12 @@ def main(argv=None):
     mode.add_argument("--paper", action="store_true", help="the paper's reported FLOPs beside this module's")
     p.error = lambda msg: (print(f"flops.py: error: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     a = p.parse_args(argv)
-    minimum = dict(batch_size=1, samples=1, max_new_tokens=1, mean_length=1, steps=0, prefix_start=0, prefix=0, delta=0)
+    minimum = dict(batch_size=1, samples=1, max_new_tokens=1, mean_length=1, steps=0, prefix_start=1, prefix=1, delta=0)
     for flag, lo in minimum.items():
         if getattr(a, flag) is not None and getattr(a, flag) < lo:
             p.error(f"--{flag.replace('_', '-')} must be >= {lo} (got {getattr(a, flag)})")
+    if a.prefix_start is not None and a.delta is None:
+        p.error("--prefix-start only applies to the --delta schedule (L at its step 0)")
     try:
         if a.paper:
             return print_paper()
@@ -271,7 +273,7 @@ def main(argv=None):
         else:
             s, t = load_config(a.student or "Qwen3-8B-Base"), load_config(a.teacher or "Qwen3-8B")
             start, delta = ((a.prefix, 0) if a.prefix is not None else (a.max_new_tokens, 0) if a.full
-                            else (a.prefix_start, a.delta))
+                            else (a.prefix_start or 1, a.delta))
             rows = planned(s, t, a.steps, a.batch_size * a.samples, start, delta, a.max_new_tokens, a.mean_length)
             print(f"student {s.name} (N_dense {dense_params(s):.3e}), teacher {t.name} (N_dense "
                   f"{dense_params(t):.3e}), {a.batch_size} x {a.samples} rollouts per step")

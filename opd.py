@@ -80,9 +80,10 @@ class Config:
                             "room (more KV cache, more rollouts in flight)")
 
 
-# The embedded default: a built-in task whose solutions are ~40 tokens. L_train starts at 6 (the first token that
-# needs arithmetic) and grows by 1 per step, so every step but the last few trains on a truncated prefix.
-EMBEDDED = dict(steps=40, batch_size=32, samples=4, lr=5e-4, prefix_start=6, delta=1, max_new_tokens=64,
+# The embedded default: a built-in task whose solutions are ~40 tokens. L_train starts at 7 (a solution's first 6
+# tokens copy the question's first operation, "37+14=", and the 7th is the first that needs arithmetic) and grows by 1
+# per step, so every step but the last few trains on a truncated prefix.
+EMBEDDED = dict(steps=40, batch_size=32, samples=4, lr=5e-4, prefix_start=7, delta=1, max_new_tokens=64,
                 micro_batch_tokens=4096, save_every=20, eval_n=200, eval_teacher=True, kl_bin=8,
                 out="runs/embedded")
 
@@ -110,6 +111,8 @@ def parse_args(argv=None) -> Config:
             default = "" if f.default is None else f" (default: {f.default})"
             p.add_argument(flag, type=typ, metavar=f.name.upper(), help=f.metadata["help"] + default)
     given = vars(p.parse_args(argv))
+    if "heldout" in given and "eval_n" not in given:
+        p.error("--heldout FILE is graded only with --eval-n N (how many of its questions)")
     if not any(k in given for k in ("student", "teacher", "data")):  # no model arguments: the embedded default
         import embedded
         preset = dict(EMBEDDED, student=str(embedded.STUDENT_DIR), teacher=str(embedded.TEACHER_DIR),
@@ -130,7 +133,14 @@ def need(ok, msg):
 def check_config(cfg: Config):
     need(cfg.student and cfg.teacher and cfg.data,
          "--student, --teacher and --data go together: give all three (or none for the embedded default)")
+    for flag, name in (("--student", cfg.student), ("--teacher", cfg.teacher)):
+        # a path, not a hub id ("org/name"): say it is missing, not that it is a malformed repo id
+        local = name.startswith(("/", ".")) or name.count("/") > 1
+        need(not local or os.path.isdir(name),
+             f"{flag} {name}: no such model directory (a local Hugging Face model dir, or a hub id like Qwen/Qwen3-8B)")
     need(cfg.prefix_start >= 1, f"--prefix-start must be >= 1 (got {cfg.prefix_start})")
+    need(cfg.prefix_start <= cfg.max_new_tokens, f"--prefix-start {cfg.prefix_start} is past --max-new-tokens "
+         f"{cfg.max_new_tokens}: L_train would be capped from the first step; use --full for whole rollouts")
     need(cfg.delta >= 0, f"--delta must be >= 0 (got {cfg.delta}); 0 keeps the prefix fixed")
     need(cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
     for name in ("steps", "batch_size", "samples", "micro_batch_tokens", "kl_bin"):
@@ -138,6 +148,8 @@ def check_config(cfg: Config):
     need(0 < cfg.lr < math.inf, f"--lr must be > 0 and finite (got {cfg.lr})")
     need(cfg.save_every >= 0, f"--save-every must be >= 0 (got {cfg.save_every}); 0 saves only at the end")
     need(cfg.eval_n >= 0, f"--eval-n must be >= 0 (got {cfg.eval_n})")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})")
+    need(0 < cfg.vllm_memory <= 1, f"--vllm-memory is a fraction of GPU memory in (0, 1] (got {cfg.vllm_memory})")
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (got {cfg.grad_clip}); 0 turns clipping off")
     need(cfg.tail >= 0, f"--tail must be >= 0 (got {cfg.tail})")
     # sampling_seed() must stay below 2^63 (vLLM and torch seed generators take a signed 64-bit integer)
@@ -441,8 +453,9 @@ def _vllm_finish(worker):
 class VLLMSampler:
     """vLLM colocated with the trainer: one engine per rank, sampling that rank's prompts.
 
-    The engine lives in the trainer's process (`external_launcher`), on the rank's own device. On GPU it sleeps while
-    the trainer works (level 2 drops the weights: every generate must follow a load_weights).
+    The engine lives in the trainer's process (`external_launcher`), on the rank's own device. On GPU it sleeps
+    whenever it is not sampling, from its start on (level 2 drops the weights: every generate must follow a
+    load_weights).
     """
 
     def __init__(self, path, cfg: Config, max_model_len: int, rank: int, stop: list[int]):
@@ -462,6 +475,8 @@ class VLLMSampler:
             # CPU generator cannot do (RuntimeError: CPU Generator does not use offset)
             kw.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True, enable_chunked_prefill=False)
         self.llm, self.stop = LLM(**kw), stop
+        if self.cuda:  # asleep until the first load_weights: the memory is the trainer's (and the teacher grading's)
+            self.llm.sleep(level=2)
 
     def load_weights(self, buckets):
         if self.cuda:  # what PyTorch's allocator keeps cached from training, vLLM's pool cannot use: give it back

@@ -40,8 +40,8 @@ AdamW lr 3e-4, L_train = 8 + 2*step, max_new_tokens 64, held-out accuracy at tem
     L = 16 (fixed)     0.355    0.91               0.89               0.74
 A fixed short prefix first helps and then hurts the untrained tail (paper §5.2, Finding 3: a small
 student's prefix competes with its tail), which the growing schedule avoids.
-The demo (`torchrun --nproc_per_node 2 opd.py`) runs 40 steps of L_train = 6 + step (6..45; completions
-are ~42 tokens).
+The demo (`torchrun --nproc_per_node 2 opd.py`) runs 40 steps of L_train = 7 + step (7..46; completions
+are ~42 tokens, and their first 6 tokens copy the question's first operation).
 """
 import re
 from pathlib import Path

@@ -559,8 +559,8 @@ def _epilogue(hidden, weight):
     """Whether GEMM 1 does the row pass in its epilogue (module docstring): bf16, GEMM_EPILOGUE, TMA-readable h and W,
     and a GPU with TMA and room for the tiles (~100-200 KB of shared memory: sm_90 / sm_100, not sm_80 / 86 / 89 /
     120), or the interpreter. Timed on H100s only; for sm_100 it compiles to tcgen05 MMAs fed by TMA, without spills
-    (`python -m kernels.sass --arch 100`, a test), but has never run on one. The tile is autotuned per process, so two runs
-    may sum a row's tiles in another order (last-bit differences); GEMM_EPILOGUE = False avoids that."""
+    (`python -m kernels.sass --arch 100`, a test), but has never run on one. The tile is autotuned per process, so
+    two runs may sum a row's tiles in another order (last-bit differences); GEMM_EPILOGUE = False avoids that."""
     gpu_ok = INTERPRET or (hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] in (9, 10))
     return (hidden.dtype == weight.dtype == torch.bfloat16 and GEMM_EPILOGUE and gpu_ok
             and _tma_ok(hidden) and _tma_ok(weight))

@@ -268,6 +268,7 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--model", "no/such/ckpt"], "no HF checkpoint at no/such/ckpt"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--prefix-lengths", "1k,2k"], "--prefix-lengths takes integers"),
+    (["--data", "math500"], "--data takes BENCH=FILE pairs"),
     (["--sampler", "tgi"], "invalid choice: 'tgi'"),
     (["--cpu-kv-cache-gb", "0"], "--cpu-kv-cache-gb must be > 0"),
     (["--model", "student", "student"], "names a checkpoint twice"),

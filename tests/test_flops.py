@@ -110,13 +110,15 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     for args in (["--prefix", "256", "--student", "Qwen3-9B"], ["--prefix", "-1"],
                  ["--full", "--teacher", str(tmp_path)], ["--from-metrics", str(tmp_path / "metrics.jsonl")],
                  ["--full", "--max-new-tokens", "-5"], ["--prefix", "9", "--batch-size", "0"], ["--prefx", "9"],
-                 ["--from-metrics", str(tmp_path / "broken.jsonl")]):
+                 ["--from-metrics", str(tmp_path / "broken.jsonl")], ["--delta", "256", "--prefix-start", "0"],
+                 ["--full", "--prefix-start", "5"]):
         (tmp_path / "broken.jsonl").write_text('{"step": 0}\n{"step": \n')
         r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("flops.py: error:"), r.stderr
     assert "--max-new-tokens must be >= 1" in cli("--full", "--max-new-tokens", "-5").stderr
     assert "broken.jsonl:2: not valid JSON" in cli("--from-metrics", str(tmp_path / "broken.jsonl")).stderr
+    assert "only applies to the --delta schedule" in cli("--full", "--prefix-start", "5").stderr
 
 
 def test_from_metrics_recomputes_or_falls_back(tmp_path):

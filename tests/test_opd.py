@@ -146,6 +146,12 @@ def bad_inputs(tmp_path):
         (["--eval-n", "-3"], "--eval-n must be >= 0"),
         (["--save-every", "-1"], "--save-every must be >= 0"),
         (["--lr", "inf"], "--lr must be > 0 and finite"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),  # AdamW's own error came after loading models
+        (["--vllm-memory", "2"], "--vllm-memory is a fraction of GPU memory"),
+        (["--prefix-start", "100"], "is past --max-new-tokens 64"),  # the embedded default's max
+        (good + ["--heldout", str(embedded.HELDOUT_FILE)], "graded only with --eval-n"),  # else silently unused
+        (["--student", str(tmp_path / "nope"), "--teacher", str(embedded.TEACHER_DIR), "--data",
+          str(embedded.TRAIN_FILE)], "no such model directory"),  # not transformers' "Repo id must use ..."
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(qwen), "--data", str(embedded.TRAIN_FILE)],
          "different vocabularies"),
     ]
