@@ -113,6 +113,10 @@ def parse_args(argv=None) -> Config:
     given = vars(p.parse_args(argv))
     if "heldout" in given and "eval_n" not in given:
         p.error("--heldout FILE is graded only with --eval-n N (how many of its questions)")
+    untruncated = [f"--{k}" for k in ("full", "window", "tail") if given.get(k)]
+    if untruncated and ("prefix_start" in given or "delta" in given):
+        p.error(f"--prefix-start / --delta set the prefix schedule, which {untruncated[0]} replaces "
+                "(untruncated rollouts): drop one")
     if not any(k in given for k in ("student", "teacher", "data")):  # no model arguments: the embedded default
         import embedded
         preset = dict(EMBEDDED, student=str(embedded.STUDENT_DIR), teacher=str(embedded.TEACHER_DIR),

@@ -148,6 +148,7 @@ def bad_inputs(tmp_path):
         (["--lr", "inf"], "--lr must be > 0 and finite"),
         (["--weight-decay", "-1"], "--weight-decay must be >= 0"),  # AdamW's own error came after loading models
         (["--vllm-memory", "2"], "--vllm-memory is a fraction of GPU memory"),
+        (["--full", "--delta", "64"], "which --full replaces"),  # else the schedule is silently unused
         (["--prefix-start", "100"], "is past --max-new-tokens 64"),  # the embedded default's max
         (good + ["--heldout", str(embedded.HELDOUT_FILE)], "graded only with --eval-n"),  # else silently unused
         (["--student", str(tmp_path / "nope"), "--teacher", str(embedded.TEACHER_DIR), "--data",
