@@ -30,7 +30,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from opd import UsageError as BadInput, chat_prompt, read_rows  # one prompt and one reader for training and eval
+from opd import HFSampler, UsageError as BadInput, chat_prompt, read_rows  # one prompt, reader, HF sampler for both
 
 # name: (table title, answer kind, default k, hub source (id, config, split)); columns follow the hub sets
 BENCHMARKS = {
@@ -240,30 +240,24 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
 
 
 def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
-    """transformers generate fallback: batches of left-padded prompts with equal n, pure sampling (top_k=0, top_p=1)."""
+    """transformers generate fallback (opd.HFSampler, on the GPU when there is one): batches of consecutive prompts
+    with the same n, at most --batch-size long; pure sampling at temperature 1."""
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype, "auto")).eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    batches, b = [], 0  # runs of consecutive prompts with the same n, at most batch_size long
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sampler = HFSampler(path, device, tok.pad_token_id if tok.pad_token_id is not None else eos[0], eos,
+                        dtype=getattr(torch, args.dtype, "auto"))
+    batches, b = [], 0
     while b < len(prompts):
         e = b + 1
         while e < len(prompts) and e - b < args.batch_size and ns[e] == ns[b]:
             e += 1
         batches, b = batches + [(b, e)], e
     out = []
-    for b, e in tqdm(batches, desc=f"sampling {os.path.basename(path)}"):
-        batch, n, width = prompts[b:e], ns[b], max(map(len, prompts[b:e]))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        gen = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                               max_new_tokens=max(max_tokens[b:e]), num_return_sequences=n, eos_token_id=eos,
-                               pad_token_id=pad)
-        with torch.no_grad():
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)[:, width:].tolist()
-        out += [[s[:m] for s in seqs[i * n:(i + 1) * n]] for i, m in enumerate(max_tokens[b:e])]
+    for k, (b, e) in enumerate(tqdm(batches, desc=f"sampling {os.path.basename(path)}")):
+        n = ns[b]
+        rollouts = sampler.generate(prompts[b:e], n, max(max_tokens[b:e]), seed=args.seed + k)
+        out += [[toks[:m] for toks, _, _ in rollouts[i * n:(i + 1) * n]] for i, m in enumerate(max_tokens[b:e])]
     return out
 
 

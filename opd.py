@@ -513,12 +513,34 @@ class VLLMSampler:
         return rollouts
 
 
+class _SampledLogprobs:
+    """A logits processor that keeps log p of every sampled token, holding one step's distribution at a time.
+
+    HF's `output_logits` would keep all of them: [rollouts, steps, V] in fp32, 160 GB for 256 rollouts of 1024
+    tokens at V = 151936. Call t sees the tokens sampled so far, so it scores the one drawn at call t - 1;
+    `finish` scores the last. The scores are the raw fp32 logits: at temperature 1, top-p 1, top-k 0 no warper
+    runs, so these are the logprobs the tokens were drawn with."""
+
+    def __init__(self):
+        self.last, self.logprobs = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:
+            self.logprobs.append(self.last.gather(1, input_ids[:, -1:]))
+        self.last = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, sequences):
+        """[rollouts, new tokens] log p of each generated token (sequences: prompt + generated ids)."""
+        return torch.cat(self.logprobs + [self.last.gather(1, sequences[:, -1:])], 1)
+
+
 class HFSampler:
     """Fallback: transformers `generate` on an unsharded copy (no vLLM needed; slow on long rollouts)."""
 
-    def __init__(self, path, device, pad_id, stop: list[int]):
+    def __init__(self, path, device, pad_id, stop: list[int], dtype=None):
         from transformers import AutoModelForCausalLM
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device, self.pad_id, self.stop = device, pad_id, stop
 
@@ -538,12 +560,13 @@ class HFSampler:
         width = max(map(len, prompt_ids))  # left-pad so every prompt ends where generation starts
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
-        out = self.model.generate(ids, attention_mask=mask,
-                                  do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
-                                  num_return_sequences=n, output_logits=True, return_dict_in_generate=True,
-                                  pad_token_id=self.pad_id, eos_token_id=self.stop)
-        tokens = out.sequences[:, width:]
-        logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        from transformers import LogitsProcessorList
+        scorer = _SampledLogprobs()
+        seqs = self.model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([scorer]),
+                                   do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, min_p=0.0,
+                                   repetition_penalty=1.0, max_new_tokens=max_tokens, num_return_sequences=n,
+                                   pad_token_id=self.pad_id, eos_token_id=self.stop)
+        tokens, logp = seqs[:, width:], scorer.finish(seqs)
         rollouts = []
         for toks, lps in zip(tokens.tolist(), logp.tolist()):
             end = next((i + 1 for i, t in enumerate(toks) if t in self.stop), None)

@@ -4,8 +4,10 @@
 #     bash kernels/gpu_check.sh            # logs, bench.csv, bench.png go to $OUT (else ./bench_out)
 # Then the whole-model step benchmark (kernels/bench_step.py) and a short training run of opd.py on the GPU
 # (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
-# Each step is cut off by its own timeout (150 + 420 + 100 + 70 s): with a 10-minute limit per call, pick steps with ONLY.
-# Optional: ONLY="tests bench step opd" (any subset) runs only those steps.
+# Then eval.py on the GPU (embedded student, HF sampler, 32 questions).
+# Each step is cut off by its own timeout (150 + 420 + 100 + 70 + 60 s): with a 10-minute limit per call, pick steps
+# with ONLY.
+# Optional: ONLY="tests bench step opd eval" (any subset) runs only those steps.
 # Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, pytest-xdist + execnet, ...) is installed first.
 # Optional: VS=path/to/an/older/fused.py times that version too (bench method "vs"), e.g. prepared with
 #     mkdir -p .gpu_prev && git show 340c492:kernels/fused.py > .gpu_prev/fused.py   (then carry .gpu_prev)
@@ -31,9 +33,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || log "WARNING: wheel install failed; going on"
 fi
 
-tests_rc=0 bench_rc=0 step_rc=0 opd_rc=0
+tests_rc=0 bench_rc=0 step_rc=0 opd_rc=0 eval_rc=0
 if want tests; then
-    log "1/4 tests/test_kernels.py on CUDA"
+    log "1/5 tests/test_kernels.py on CUDA"
     # minus the CPU-side checks (the sm_90 build read from SASS, the tiny bench): CI runs those, the bench runs below
     # Triton compiles (every tile config of every kernel variant, on 1-2 cores each) take most of the time: with
     # pytest-xdist (carried in .whl/, or installed) 8 workers compile side by side
@@ -45,7 +47,7 @@ if want tests; then
 fi
 
 if want bench; then
-    log "2/4 python -m kernels.bench (quick) -> $OUT"
+    log "2/5 python -m kernels.bench (quick) -> $OUT"
     VS="${VS:-$(ls .gpu_prev/fused.py 2>/dev/null)}"
     timeout 420 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
     bench_rc=$?
@@ -53,18 +55,25 @@ if want bench; then
 fi
 
 if want step; then
-    log "3/4 python -m kernels.bench_step (Qwen3-1.7B / 8B shapes, 16384 tokens)"
+    log "3/5 python -m kernels.bench_step (Qwen3-1.7B / 8B shapes, 16384 tokens)"
     timeout 100 $PY -m kernels.bench_step --out "$OUT" 2>&1 | tee "$OUT/bench_step.log"
     step_rc=$?
 fi
 
 if want opd; then
-    log "4/4 opd.py on the GPU: embedded default, 4 steps, HF sampler, Triton kernels"
+    log "4/5 opd.py on the GPU: embedded default, 4 steps, HF sampler, Triton kernels"
     # OPD_ARGS: optional model flags, e.g. "--student S --teacher T --data D --heldout H" (default: embedded)
     timeout 70 $PY -m torch.distributed.run --nproc_per_node 1 opd.py --sampler hf --impl triton --steps 4 \
         --eval-n 64 ${OPD_ARGS:-} --out /tmp/opd_gpu 2>&1 | grep -v Warning | tee "$OUT/opd_gpu.log"
     opd_rc=$?
 fi
 
-log "exit codes: tests $tests_rc, bench $bench_rc, bench_step $step_rc, opd $opd_rc"
-[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $step_rc -eq 0 ] && [ $opd_rc -eq 0 ]
+if want eval; then
+    log "5/5 eval.py on the GPU: embedded student, HF sampler, 32 held-out questions x 4 samples"
+    timeout 60 $PY eval.py --model student --sampler hf --limit 32 --out /tmp/eval_gpu 2>&1 | grep -v Warning \
+        | tee "$OUT/eval_gpu.log"
+    eval_rc=$?
+fi
+
+log "exit codes: tests $tests_rc, bench $bench_rc, bench_step $step_rc, opd $opd_rc, eval $eval_rc"
+[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $step_rc -eq 0 ] && [ $opd_rc -eq 0 ] && [ $eval_rc -eq 0 ]

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import embedded
 import opd
@@ -351,6 +351,27 @@ def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 2 and "--impl triton cannot run on cpu" in run.stdout, run.stdout + run.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_hf_sampler_logprobs_are_the_models_own():
+    """HFSampler keeps log p of each sampled token one step at a time (not HF's [rollouts, steps, V] logits): each
+    equals the model's teacher-forced log-softmax at that position, for left-padded prompts of unequal length, rollouts
+    stopped at the end token (which is scored) and rollouts cut at max_tokens. An off-by-one step fails this by nats."""
+    tok = AutoTokenizer.from_pretrained(str(embedded.STUDENT_DIR))
+    stop = opd.stop_ids(tok)
+    sampler = opd.HFSampler(str(embedded.STUDENT_DIR), torch.device("cpu"), tok.pad_token_id, stop)
+    questions = opd.load_questions(str(embedded.TRAIN_FILE))[:3]
+    prompts = [tok(opd.chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
+    prompts[1] = prompts[1][:-3]  # unequal lengths: left padding
+    rollouts = sampler.generate(prompts, 2, 56, seed=7)
+    assert len(rollouts) == 6 and {r[2] for r in rollouts} == {True, False}  # some stopped, some cut at 56
+    for i, (toks, lps, truncated) in enumerate(rollouts):
+        p = prompts[i // 2]
+        assert len(lps) == len(toks) and (len(toks) == 56) == truncated and (toks[-1] in stop) != truncated
+        with torch.no_grad():
+            logits = sampler.model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float()
+        want = logits.log_softmax(-1).gather(1, torch.tensor(toks)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lps), want, atol=1e-4), (want - torch.tensor(lps)).abs().max()
 
 
 def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monkeypatch):
