@@ -5,6 +5,11 @@ temperature 1.0, top-p 1.0, up to 16384 new tokens, k samples per question (16 f
 mean accuracy over the k samples (mean acc@k). The ± in the table is the 95% normal-approximation
 interval over questions: 1.96 * sd(per-question acc@k) / sqrt(#questions).
 
+Grading reads the text after the last `</think>`; a sample without one gets nothing if it was cut off at the token
+budget and is read whole if it ended its turn (base models often never close the thought). Math: the last \\boxed{}
+(else an anchored "the answer is ..."), checked against the gold answer with math-verify. Multiple choice: the last
+explicit letter (a boxed letter, "Answer: C", "the answer is (C)"), else the last "(C)" unless a box holds a value.
+
     python eval.py                                   # embedded student + teacher on the held-out set
     python eval.py --model runs/x/step_000050 runs/x/step_000060 \\
         --data math500=math500.jsonl aime24=aime24.parquet aime25=aime25.jsonl gpqa=gpqa_diamond.csv \\
@@ -113,10 +118,11 @@ def format_choices(question, choices):
 
 
 # ----------------------------------------------------------------------------- grading
-def final_part(completion):
-    """The text after the reasoning. No `</think>` means the sample was truncated mid-thought: no answer."""
+def final_part(completion, finished=False):
+    """The text after the reasoning. Without `</think>`: a sample cut off at the token budget has no answer; one that
+    ended its turn (finished: base models often never close the thought) answered inside it, so all of it counts."""
     i = completion.rfind("</think>")
-    return None if i < 0 else completion[i + len("</think>"):]
+    return completion[i + len("</think>"):] if i >= 0 else completion if finished else None
 
 
 def last_boxed(text):
@@ -132,27 +138,29 @@ def last_boxed(text):
     return None  # unclosed brace: the answer was cut off
 
 
-_ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{C}}, Answer: C, the answer is (C), **Answer:** C
-    r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-J])\)?\s*\}?\s*\}"
+_ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV}, Answer: C,
+    # the answer is (C), **Answer:** C
+    r"\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*\(?([A-Ja-j])\)?\s*(?:[.):]\s*[^{}]*)?\}?\s*\}"
     r"|(?i:answer)(?:\s+is)?\s*:?\s*[*_]*\s*:?\s*\(?([A-J])\)?(?![A-Za-z])"
     r"(?<!I(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]|['’]))(?<!A(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]))")  # not "I think", "A closer look"
 _WEAK = re.compile(r"\(([A-J])\)|^\s*[*_]*([A-J])[.)]?[*_]*\s*$", re.MULTILINE)  # "(C)", a line that is just "C"
 
 
-def extract_choice(completion):
-    """The last option letter of the final answer: the last explicit answer, else the last "(C)"."""
-    text = final_part(completion)
+def extract_choice(completion, finished=False):
+    """The last option letter of the final answer: the last explicit answer, else the last "(C)" -- unless a box
+    holds something else (a value after the options were restated: those letters are no answer)."""
+    text = final_part(completion, finished)
     if text is None:
         return None
-    hits = list(_ANSWER.finditer(text)) or list(_WEAK.finditer(text))
-    return next(g for g in hits[-1].groups() if g) if hits else None
+    hits = list(_ANSWER.finditer(text)) or (list(_WEAK.finditer(text)) if last_boxed(text) is None else [])
+    return next(g for g in hits[-1].groups() if g).upper() if hits else None
 
 
-def grade_math(completion, gold):
+def grade_math(completion, gold, finished=False):
     """(extracted answer, correct) with math-verify. Runs in a worker process's main thread, where
     math-verify's SIGALRM timeouts work (they fail in threads), and a hang cannot stall the caller."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-    text = final_part(completion)
+    text = final_part(completion, finished)
     if text is None:
         return None, False
     boxed = last_boxed(text)  # prefer the last \boxed{}: math-verify would join all boxes into a set
@@ -166,10 +174,12 @@ def grade_math(completion, gold):
     return (boxed if boxed is not None else str(pred[-1])), bool(verify(gold_parsed, pred, timeout_seconds=5))
 
 
-def grade(kind, completions, answers, workers=2):
-    """[(extracted, correct)] for parallel lists of completions and gold answers."""
+def grade(kind, completions, answers, workers=2, finished=None):
+    """[(extracted, correct)] for parallel lists of completions, gold answers and whether each sample ended its turn
+    (default: none did; see final_part)."""
+    finished = finished or [False] * len(completions)
     if kind == "choice":
-        return [(e, e == a) for e, a in ((extract_choice(c), a) for c, a in zip(completions, answers))]
+        return [(e, e == a) for e, a in ((extract_choice(c, f), a) for c, a, f in zip(completions, answers, finished))]
     if kind == "embedded":
         import embedded
         return [(embedded.extract_answer(c), bool(embedded.grade(c, a))) for c, a in zip(completions, answers)]
@@ -177,7 +187,7 @@ def grade(kind, completions, answers, workers=2):
     from tqdm import tqdm
     # spawn, not fork: the parent may hold vLLM/torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        it = pool.map(grade_math, completions, answers, chunksize=16)
+        it = pool.map(grade_math, completions, answers, finished, chunksize=16)
         return list(tqdm(it, total=len(completions), desc="grading", leave=False))
 
 
@@ -275,12 +285,13 @@ def complete(path, items, args):
     budgets = [args.max_new_tokens - len(it["head"]) for it in items]  # head + continuation <= max_new_tokens
     outs = sample(path, prompts, [it["k"] for it in items], budgets, args)
     recs = [dict(model=path, benchmark=it["benchmark"], id=it["q"]["id"], sample=j, answer=it["q"]["answer"],
-                 tokens=len(ids), completion=tok.decode(it["head"] + ids, skip_special_tokens=True))
-            for it, row in zip(items, outs) for j, ids in enumerate(row)]
+                 tokens=len(ids), finished=len(ids) < budget,  # ended its turn (eos), not cut off at the budget
+                 completion=tok.decode(it["head"] + ids, skip_special_tokens=True))
+            for it, row, budget in zip(items, outs, budgets) for j, ids in enumerate(row)]
     for kind in {BENCHMARKS[r["benchmark"]][1] for r in recs}:  # one grading pass (and worker pool) per kind
         mine = [r for r in recs if BENCHMARKS[r["benchmark"]][1] == kind]
         for r, (e, c) in zip(mine, grade(kind, [r["completion"] for r in mine], [r["answer"] for r in mine],
-                                          args.grade_workers)):
+                                          args.grade_workers, [r["finished"] for r in mine])):
             r.update(extracted=e, correct=c)
     return recs, outs
 

@@ -64,6 +64,11 @@ CHOICE_CASES = [
     ("x</think>**Answer:** A closer look shows (C).", "C"),          # nor the article A
     ("x</think>Answer: A is correct", "A"),
     ("x</think>The answer is I because", "I"),
+    ("x</think>\\boxed{\\mathrm{B}}", "B"),                        # boxes as models write them
+    ("x</think>$\\boxed{\\mathbf{b}}$", "B"),
+    ("x</think>\\boxed{B. 3.1 eV}", "B"),
+    ("x</think>\\boxed{\\text{B) 3.1 eV}}", "B"),
+    ("x</think>The options: (A) 2.3 eV, (B) 3.1 eV, (C) 4.0 eV.\nSo \\boxed{3.1\\text{ eV}}", None),  # not (C)
 ]
 
 
@@ -85,6 +90,16 @@ def test_math_grading_in_worker_processes_from_a_thread():
 @pytest.mark.parametrize("completion,letter", CHOICE_CASES)
 def test_choice_extraction(completion, letter):
     assert ev.extract_choice(completion) == letter
+
+
+def test_a_finished_sample_without_think_end_is_graded_whole():
+    """No </think>: cut off at the budget, no answer; ended its turn (a base model that never closed the thought),
+    the whole text is its answer."""
+    math, choice = "Some reasoning... so \\boxed{5}", "reasoning, hence \\boxed{B}"
+    assert ev.grade_math(math, "5") == (None, False) and ev.grade_math(math, "5", finished=True) == ("5", True)
+    assert ev.extract_choice(choice) is None and ev.extract_choice(choice, finished=True) == "B"
+    assert ev.grade("choice", [choice, choice], ["B", "B"], finished=[False, True]) == [(None, False), ("B", True)]
+    assert ev.grade("math", [math, math], ["5", "5"], 1, [False, True]) == [(None, False), ("5", True)]
 
 
 def test_choice_grading():
