@@ -105,7 +105,8 @@ def parse_args(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            # --no-X too: the embedded default turns --eval-teacher on
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
             default = "" if f.default is None else f" (default: {f.default})"

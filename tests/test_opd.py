@@ -180,6 +180,13 @@ def test_teacher_template_is_compared_as_rendered(tmp_path):
                 opd.load_tokenizers(cfg)
 
 
+def test_embedded_preset_and_flags_over_it():
+    cfg = opd.parse_args([])
+    assert cfg.eval_teacher and cfg.prefix_start == 7 and cfg.student == str(embedded.STUDENT_DIR)
+    cfg = opd.parse_args(["--no-eval-teacher", "--steps", "3"])
+    assert not cfg.eval_teacher and cfg.steps == 3 and cfg.eval_n == 200  # the rest of the preset stays
+
+
 def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
     for argv, msg in bad_inputs(tmp_path):
         out = tmp_path / "out"
