@@ -537,7 +537,8 @@ class _SampledLogprobs:
 
 
 class HFSampler:
-    """Fallback: transformers `generate` on an unsharded copy (no vLLM needed; slow on long rollouts)."""
+    """Fallback: transformers `generate` on an unsharded copy (no vLLM needed). Slow on long rollouts, and one call
+    holds every rollout's KV cache at once: at the paper's scale (16k tokens, 256 rollouts per rank) use vLLM."""
 
     def __init__(self, path, device, pad_id, stop: list[int], dtype=None):
         from transformers import AutoModelForCausalLM
