@@ -138,8 +138,8 @@ def last_boxed(text):
     return None  # unclosed brace: the answer was cut off
 
 
-_ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV}, Answer: C,
-    # the answer is (C), **Answer:** C
+_ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV},
+    # Answer: C, the answer is (C), **Answer:** C
     r"\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*\(?([A-Ja-j])\)?\s*(?:[.):]\s*[^{}]*)?\}?\s*\}"
     r"|(?i:answer)(?:\s+is)?\s*:?\s*[*_]*\s*:?\s*\(?([A-J])\)?(?![A-Za-z])"
     r"(?<!I(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]|['’]))(?<!A(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]))")  # not "I think", "A closer look"
