@@ -73,7 +73,8 @@ class Config:
     seed: int = _f(0, "seed for data order and sampling")
     heldout: str = _f(None, "held-out .jsonl with question/answer for the before/after accuracy print")
     eval_n: int = _f(0, "held-out questions to grade before and after training (0 = none)")
-    eval_teacher: bool = _f(False, "also grade the teacher on the held-out questions (loads an unsharded copy)")
+    eval_teacher: bool = _f(False, "also grade the teacher on the held-out questions (an unsharded HF copy, all "
+                            "questions in one generate: for small models; eval.py grades a teacher at scale)")
     kl_bin: int = _f(256, "width of the position bins for the KL-by-position log (paper Fig. 2/5)")
     vllm_memory: float = _f(0.35, "GPU memory fraction for the vLLM sampler (weights + KV cache); the trainer's "
                             "shards, optimizer state and teacher stay resident meanwhile: raise it where they leave "
