@@ -7,8 +7,9 @@ interval over questions: 1.96 * sd(per-question acc@k) / sqrt(#questions).
 
 Grading reads the text after the last `</think>`; a sample without one gets nothing if it was cut off at the token
 budget and is read whole if it ended its turn (base models often never close the thought). Math: the last \\boxed{}
-(else an anchored "the answer is ..."), checked against the gold answer with math-verify. Multiple choice: the last
-explicit letter (a boxed letter, "Answer: C", "the answer is (C)"), else the last "(C)" unless a box holds a value.
+(else an anchored "the answer is ..."; all boxes as one list where each answer got its own), checked against the
+gold answer with math-verify. Multiple choice: the last explicit letter (a boxed letter, "Answer: C", "the answer is
+(C)"), else the last "(C)" unless a box holds a value.
 
     python eval.py                                   # embedded student + teacher on the held-out set
     python eval.py --model runs/x/step_000050 runs/x/step_000060 \\
@@ -125,17 +126,25 @@ def final_part(completion, finished=False):
     return completion[i + len("</think>"):] if i >= 0 else completion if finished else None
 
 
+def boxed(text):
+    """Contents of the \\boxed{...} in text (braces matched), in order; an unclosed one (cut off) ends them as None."""
+    out, start = [], text.find("\\boxed{")
+    while start >= 0:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                out.append(text[i + 1:j].strip())
+                break
+        else:
+            return out + [None]
+        start = text.find("\\boxed{", j)
+    return out
+
+
 def last_boxed(text):
-    """Content of the last \\boxed{...} (braces matched), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    return None  # unclosed brace: the answer was cut off
+    """Content of the last \\boxed{...}, or None (none, or cut off)."""
+    return (boxed(text) or [None])[-1]
 
 
 _ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV},
@@ -163,15 +172,23 @@ def grade_math(completion, gold, finished=False):
     text = final_part(completion, finished)
     if text is None:
         return None, False
-    boxed = last_boxed(text)  # prefer the last \boxed{}: math-verify would join all boxes into a set
+    boxes = boxed(text)
+    last = boxes[-1] if boxes else None  # the last \boxed{}: math-verify would join all boxes into a set
     # unboxed text: only anchored answers ("the final answer is 3"), not any number ("... in 7 steps")
     anchored = [LatexExtractionConfig(try_extract_without_anchor=False), ExprExtractionConfig(try_extract_without_anchor=False)]
-    pred = (parse(f"$\\boxed{{{boxed}}}$", parsing_timeout=5) if boxed is not None
+    pred = (parse(f"$\\boxed{{{last}}}$", parsing_timeout=5) if last is not None
             else parse(text, extraction_config=anchored, parsing_timeout=5))
     if not pred:
-        return boxed, False
+        return last, False
     gold_parsed = parse(f"$\\boxed{{{gold}}}$", parsing_timeout=5)  # bare gold like "1,\!000" parses when boxed
-    return (boxed if boxed is not None else str(pred[-1])), bool(verify(gold_parsed, pred, timeout_seconds=5))
+    extracted = last if last is not None else str(pred[-1])
+    if verify(gold_parsed, pred, timeout_seconds=5):
+        return extracted, True
+    if len(boxes) > 1 and None not in boxes:  # several answers boxed one by one: "x = \boxed{3} or x = \boxed{5}"
+        joined = ", ".join(boxes)
+        if verify(gold_parsed, parse(f"$\\boxed{{{joined}}}$", parsing_timeout=5), timeout_seconds=5):
+            return joined, True
+    return extracted, False
 
 
 def grade(kind, completions, answers, workers=2, finished=None):

@@ -45,6 +45,9 @@ MATH_CASES = [
     (r"7", T + r"I could not solve it in 7 steps.", False),                    # unboxed: only anchored answers
     (r"12", T + r"Step 1: compute 12. Then the result is 33.", False),
     (r"33", T + r"**Final answer:** 33", True),
+    (r"3, 5", T + r"So $x = \boxed{3}$ or $x = \boxed{5}$.", True),          # one box per answer: all of them
+    (r"8", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", True),               # ... only where the last is wrong
+    (r"3", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", False),
 ]
 
 CHOICE_CASES = [
