@@ -520,16 +520,17 @@ class _SampledLogprobs:
 
     HF's `output_logits` would keep all of them: [rollouts, steps, V] in fp32, 160 GB for 256 rollouts of 1024
     tokens at V = 151936. Call t sees the tokens sampled so far, so it scores the one drawn at call t - 1;
-    `finish` scores the last. The scores are the raw fp32 logits: at temperature 1, top-p 1, top-k 0 no warper
-    runs, so these are the logprobs the tokens were drawn with."""
+    `finish` scores the last. Processors passed to generate run before HF's warpers: the scores are the raw
+    logits, which over the temperature give the distribution the token was drawn from (top-p 1, top-k 0 and
+    min-p 0 take nothing away)."""
 
-    def __init__(self):
-        self.last, self.logprobs = None, []
+    def __init__(self, temperature):
+        self.temperature, self.last, self.logprobs = temperature, None, []
 
     def __call__(self, input_ids, scores):
         if self.last is not None:
             self.logprobs.append(self.last.gather(1, input_ids[:, -1:]))
-        self.last = scores.float().log_softmax(-1)
+        self.last = (scores.float() / self.temperature).log_softmax(-1)
         return scores
 
     def finish(self, sequences):
@@ -564,7 +565,7 @@ class HFSampler:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
         from transformers import LogitsProcessorList
-        scorer = _SampledLogprobs()
+        scorer = _SampledLogprobs(TEMPERATURE)
         seqs = self.model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([scorer]),
                                    do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, min_p=0.0,
                                    repetition_penalty=1.0, max_new_tokens=max_tokens, num_return_sequences=n,

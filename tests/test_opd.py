@@ -360,10 +360,13 @@ def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_hf_sampler_logprobs_are_the_models_own():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_hf_sampler_logprobs_are_the_models_own(monkeypatch, temperature):
     """HFSampler keeps log p of each sampled token one step at a time (not HF's [rollouts, steps, V] logits): each
-    equals the model's teacher-forced log-softmax at that position, for left-padded prompts of unequal length, rollouts
-    stopped at the end token (which is scored) and rollouts cut at max_tokens. An off-by-one step fails this by nats."""
+    equals the model's teacher-forced log-softmax (of logits / temperature) at that position, for left-padded prompts
+    of unequal length, rollouts stopped at the end token (which is scored) and rollouts cut at max_tokens. An off-by-one
+    step fails this by nats; so would dividing by a temperature HF's own warper had applied already."""
+    monkeypatch.setattr(opd, "TEMPERATURE", temperature)
     tok = AutoTokenizer.from_pretrained(str(embedded.STUDENT_DIR))
     stop = opd.stop_ids(tok)
     sampler = opd.HFSampler(str(embedded.STUDENT_DIR), torch.device("cpu"), tok.pad_token_id, stop)
@@ -376,7 +379,7 @@ def test_hf_sampler_logprobs_are_the_models_own():
         p = prompts[i // 2]
         assert len(lps) == len(toks) and (len(toks) == 56) == truncated and (toks[-1] in stop) != truncated
         with torch.no_grad():
-            logits = sampler.model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float()
+            logits = sampler.model(torch.tensor([p + toks])).logits[0, len(p) - 1:-1].float() / temperature
         want = logits.log_softmax(-1).gather(1, torch.tensor(toks)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(lps), want, atol=1e-4), (want - torch.tensor(lps)).abs().max()
 
