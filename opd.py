@@ -73,8 +73,8 @@ class Config:
     seed: int = _f(0, "seed for data order and sampling")
     heldout: str = _f(None, "held-out .jsonl with question/answer for the before/after accuracy print")
     eval_n: int = _f(0, "held-out questions to grade before and after training (0 = none)")
-    eval_teacher: bool = _f(False, "also grade the teacher on the held-out questions (an unsharded HF copy, all "
-                            "questions in one generate: for small models; eval.py grades a teacher at scale)")
+    eval_teacher: bool = _f(False, "also grade the teacher on the held-out questions (an unsharded HF copy and HF "
+                            "generate: for small models; eval.py grades a teacher at scale)")
     kl_bin: int = _f(256, "width of the position bins for the KL-by-position log (paper Fig. 2/5)")
     vllm_memory: float = _f(0.35, "GPU memory fraction for the vLLM sampler (weights + KV cache); the trainer's "
                             "shards, optimizer state and teacher stay resident meanwhile: raise it where they leave "
@@ -539,8 +539,10 @@ class _SampledLogprobs:
 
 
 class HFSampler:
-    """Fallback: transformers `generate` on an unsharded copy (no vLLM needed). Slow on long rollouts, and one call
-    holds every rollout's KV cache at once: at the paper's scale (16k tokens, 256 rollouts per rank) use vLLM."""
+    """Fallback: transformers `generate` on an unsharded copy (no vLLM needed; slow on long rollouts). Prompts go
+    through in groups whose KV cache fits half the GPU memory free at the time, so a big batch runs in turns."""
+
+    kv_tokens = None  # rollout tokens one generate may hold; None: from free GPU memory (CPU: no limit)
 
     def __init__(self, path, device, pad_id, stop: list[int], dtype=None):
         from transformers import AutoModelForCausalLM
@@ -558,13 +560,33 @@ class HFSampler:
             for name, t in bucket.items():
                 params[name].copy_(t)
 
+    def _kv_budget(self):
+        """Rollout tokens whose keys and values fit half the GPU memory free now (PyTorch's cached blocks count)."""
+        if self.kv_tokens or self.device.type != "cuda":
+            return self.kv_tokens
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * self.model.dtype.itemsize
+        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - \
+            torch.cuda.memory_allocated(self.device)
+        return free // 2 // per_token
+
     @torch.no_grad()
     def generate(self, prompt_ids, n, max_tokens, seed):
         torch.manual_seed(seed)
+        budget = self._kv_budget()
+        group = len(prompt_ids) if budget is None else \
+            max(1, budget // (n * (max(map(len, prompt_ids)) + max_tokens)))
+        rollouts = []
+        for i in range(0, len(prompt_ids), group):
+            rollouts += self._generate(prompt_ids[i:i + group], n, max_tokens)
+        return rollouts
+
+    def _generate(self, prompt_ids, n, max_tokens):
+        from transformers import LogitsProcessorList
         width = max(map(len, prompt_ids))  # left-pad so every prompt ends where generation starts
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
-        from transformers import LogitsProcessorList
         scorer = _SampledLogprobs(TEMPERATURE)
         seqs = self.model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([scorer]),
                                    do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, min_p=0.0,

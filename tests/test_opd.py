@@ -360,12 +360,13 @@ def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_hf_sampler_logprobs_are_the_models_own(monkeypatch, temperature):
+@pytest.mark.parametrize("temperature,in_turns", [(1.0, False), (0.5, True)])
+def test_hf_sampler_logprobs_are_the_models_own(monkeypatch, temperature, in_turns):
     """HFSampler keeps log p of each sampled token one step at a time (not HF's [rollouts, steps, V] logits): each
     equals the model's teacher-forced log-softmax (of logits / temperature) at that position, for left-padded prompts
     of unequal length, rollouts stopped at the end token (which is scored) and rollouts cut at max_tokens. An off-by-one
-    step fails this by nats; so would dividing by a temperature HF's own warper had applied already."""
+    step fails this by nats; so would dividing by a temperature HF's own warper had applied already. in_turns: a KV
+    budget of one prompt's rollouts per generate call; the rollouts still come back in prompt order."""
     monkeypatch.setattr(opd, "TEMPERATURE", temperature)
     tok = AutoTokenizer.from_pretrained(str(embedded.STUDENT_DIR))
     stop = opd.stop_ids(tok)
@@ -373,7 +374,12 @@ def test_hf_sampler_logprobs_are_the_models_own(monkeypatch, temperature):
     questions = opd.load_questions(str(embedded.TRAIN_FILE))[:3]
     prompts = [tok(opd.chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
     prompts[1] = prompts[1][:-3]  # unequal lengths: left padding
+    if in_turns:
+        sampler.kv_tokens = 2 * (max(map(len, prompts)) + 56)
+    calls, real = [], sampler._generate
+    sampler._generate = lambda group, *a: calls.append(len(group)) or real(group, *a)
     rollouts = sampler.generate(prompts, 2, 56, seed=7)
+    assert calls == ([1, 1, 1] if in_turns else [3])
     assert len(rollouts) == 6 and {r[2] for r in rollouts} == {True, False}  # some stopped, some cut at 56
     for i, (toks, lps, truncated) in enumerate(rollouts):
         p = prompts[i // 2]
