@@ -566,7 +566,8 @@ class HFSampler:
             return self.kv_tokens
         c = self.model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * self.model.dtype.itemsize
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * self.model.dtype.itemsize
         free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - \
             torch.cuda.memory_allocated(self.device)
         return free // 2 // per_token
