@@ -390,6 +390,20 @@ def test_hf_sampler_logprobs_are_the_models_own(monkeypatch, temperature, in_tur
         assert torch.allclose(torch.tensor(lps), want, atol=1e-4), (want - torch.tensor(lps)).abs().max()
 
 
+def test_hf_sampler_kv_budget_on_a_gpu(monkeypatch):
+    """The GPU branch by hand (CPU here, torch.cuda's memory queries faked): half of what is free, PyTorch's cached
+    blocks included, over the keys and values of one token: 2 x 3 layers x 3 kv heads x 32 dims x 4 bytes."""
+    sampler = opd.HFSampler(str(embedded.STUDENT_DIR), torch.device("cpu"), 0, [1])
+    assert sampler._kv_budget() is None  # CPU: no limit
+    sampler.device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 << 30)
+    assert sampler._kv_budget() == (12 << 30) // 2 // (2 * 3 * 3 * 32 * 4)
+    sampler.kv_tokens = 100  # an explicit budget wins
+    assert sampler._kv_budget() == 100
+
+
 def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monkeypatch):
     """vLLM's prefix cache keeps keys/values computed with the old weights; prompts that share a cached prefix after a
     sync must still be sampled, and scored, with the new weights (without the reset this test sees 1.3e-2 nats)."""
