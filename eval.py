@@ -102,7 +102,7 @@ def load_benchmark(name, path=None):
             except (ValueError, SyntaxError):
                 o = None
             if not (isinstance(o, list) and 2 <= len(o) <= len(LETTERS) and all(isinstance(x, str) for x in o)
-                    and str(r[ans]).strip() in LETTERS[:len(o)]):
+                    and len(str(r[ans]).strip()) == 1 and str(r[ans]).strip() in LETTERS[:len(o)]):
                 raise BadInput(f"mmlupro: {path or 'hub data'} question {i}: options {str(r[opts])[:60]!r} with "
                                f"answer {r[ans]!r} is not a list of 2-10 strings holding the answer's letter")
             return o
@@ -234,8 +234,9 @@ def model_info(path):
 
 
 def sample(path, prompts, ns, max_tokens, args):
-    """ns[i] continuations (token ids, eos dropped) of each prompt (token ids), at most max_tokens[i] long.
-    One model load per call: callers pass every benchmark's prompts at once."""
+    """ns[i] continuations of each prompt (token ids), at most max_tokens[i] long: (token ids with the end token
+    dropped, whether it ended there rather than at the budget). One model load per call: callers pass every
+    benchmark's prompts at once."""
     tok, eos, max_pos = model_info(path)
     max_tokens = [max(1, min(m, max_pos - len(p))) for p, m in zip(prompts, max_tokens)]
     if args.sampler == "vllm":
@@ -243,7 +244,7 @@ def sample(path, prompts, ns, max_tokens, args):
         out = sample_vllm(path, prompts, ns, max_tokens, max_len, eos, args)
     else:
         out = sample_hf(path, prompts, ns, max_tokens, tok, eos, args)
-    return [[cut_eos(ids, eos) for ids in row] for row in out]
+    return [[(cut_eos(ids, eos), finished) for ids, finished in row] for row in out]
 
 
 def cut_eos(ids, eos):
@@ -263,7 +264,7 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
     del llm  # free the engine before the next checkpoint loads
     gc.collect()
-    return [[list(c.token_ids) for c in o.outputs] for o in outs]
+    return [[(list(c.token_ids), c.finish_reason != "length") for c in o.outputs] for o in outs]
 
 
 def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
@@ -284,7 +285,8 @@ def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
     for k, (b, e) in enumerate(tqdm(batches, desc=f"sampling {os.path.basename(path)}")):
         n = ns[b]
         rollouts = sampler.generate(prompts[b:e], n, max(max_tokens[b:e]), seed=args.seed + k)
-        out += [[toks[:m] for toks, _, _ in rollouts[i * n:(i + 1) * n]] for i, m in enumerate(max_tokens[b:e])]
+        out += [[(toks[:m], not cut and len(toks) <= m) for toks, _, cut in rollouts[i * n:(i + 1) * n]]
+                for i, m in enumerate(max_tokens[b:e])]
     return out
 
 
@@ -302,15 +304,15 @@ def complete(path, items, args):
     budgets = [args.max_new_tokens - len(it["head"]) for it in items]  # head + continuation <= max_new_tokens
     outs = sample(path, prompts, [it["k"] for it in items], budgets, args)
     recs = [dict(model=path, benchmark=it["benchmark"], id=it["q"]["id"], sample=j, answer=it["q"]["answer"],
-                 tokens=len(ids), finished=len(ids) < budget,  # ended its turn (eos), not cut off at the budget
+                 tokens=len(ids), finished=finished,  # ended its turn (end token), not cut off at the budget
                  completion=tok.decode(it["head"] + ids, skip_special_tokens=True))
-            for it, row, budget in zip(items, outs, budgets) for j, ids in enumerate(row)]
+            for it, row in zip(items, outs) for j, (ids, finished) in enumerate(row)]
     for kind in {BENCHMARKS[r["benchmark"]][1] for r in recs}:  # one grading pass (and worker pool) per kind
         mine = [r for r in recs if BENCHMARKS[r["benchmark"]][1] == kind]
         for r, (e, c) in zip(mine, grade(kind, [r["completion"] for r in mine], [r["answer"] for r in mine],
                                           args.grade_workers, [r["finished"] for r in mine])):
             r.update(extracted=e, correct=c)
-    return recs, outs
+    return recs, [[ids for ids, _ in row] for row in outs]
 
 
 def prefix_len(L, teacher_len, margin):

@@ -141,7 +141,7 @@ def test_loaders_in_each_column_convention():
     assert g == ev.load_benchmark("gpqa", str(FIX / "gpqa.csv"))          # fixed seed
     for path in ("mmlupro.parquet", "mmlupro.csv"):                      # options as a list / as a string
         p = ev.load_benchmark("mmlupro", str(FIX / path))
-        assert p[0]["answer"] in "BC" and "(B) " in p[0]["question"]
+        assert p[0]["answer"] in ("B", "C") and "(B) " in p[0]["question"]
     p = ev.load_benchmark("mmlupro", str(FIX / "mmlupro.parquet"))
     assert "(J) Kappa" in p[0]["question"] and "(C) 5" in p[1]["question"] and "(D)" not in p[1]["question"]
 
@@ -180,11 +180,14 @@ def test_loader_errors():
 
 def test_mmlupro_broken_options_are_refused(tmp_path):
     """A csv whose options cell is not a Python list literal (numpy's "['a' 'b']" from a pandas export reads as
-    one joined string) must stop with one line, not score every sample 0."""
-    for cell in ("['four' 'six' 'seven' 'nine']", "four, six, seven"):
+    one joined string), or whose answer is not one letter of its options, must stop with one line, not score every
+    sample 0."""
+    ok = "['four', 'six', 'seven', 'nine']"
+    for cell, answer in (("['four' 'six' 'seven' 'nine']", "A"), ("four, six, seven", "A"), (ok, ""), (ok, "AB"),
+                         (ok, "E"), (ok, "a")):
         f = tmp_path / "m.csv"
         with open(f, "w", newline="") as fh:
-            csv.writer(fh).writerows([["question", "options", "answer"], ["2+2?", cell, "A"]])
+            csv.writer(fh).writerows([["question", "options", "answer"], ["2+2?", cell, answer]])
         with pytest.raises(ev.BadInput, match="question 0: options .* not a list of 2-10 strings"):
             ev.load_benchmark("mmlupro", str(f))
 
@@ -237,9 +240,13 @@ def test_end_to_end_vllm_on_cpu(tmp_path):
     assert len(s) == 2 * (6 * 2 + 3 * 2)  # models x (embedded 6 q + math500 3 q) x 2 samples
     assert {k for k in s[0]} >= {"model", "benchmark", "id", "sample", "completion", "extracted", "correct"}
     for x in s:
+        assert x["finished"] == (x["tokens"] < 96), x  # ended at the end token, or cut off at the budget
         if x["benchmark"] == "embedded":
             assert x["correct"] == embedded.grade(x["completion"], x["answer"])
             assert x["extracted"] == embedded.extract_answer(x["completion"])
+        else:
+            assert (x["extracted"], x["correct"]) == ev.grade_math(x["completion"], x["answer"], x["finished"])
+    assert {x["finished"] for x in s} == {True, False}
     teacher = [x["correct"] for x in s if x["row"] == "teacher" and x["benchmark"] == "embedded"]
     acc = res["summary"]["teacher"]["embedded"][0]
     assert acc == pytest.approx(100 * sum(teacher) / len(teacher)) and acc >= 50  # the teacher solves the task
