@@ -650,7 +650,7 @@ class Recorder:
 
 
 @pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
-def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, rank, world):
+def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, capsys, rank, world):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(opd, "HFSampler", Recorder)
     Recorder.calls = []
@@ -693,6 +693,8 @@ def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, rank, world):
         want = sum((s["mask"] * s["ratio"] * s["kl"]).sum().item() for s in st) / (B * S)
         assert rec["loss"] == pytest.approx(want, rel=1e-6) and rec["loss"] != 0
         assert rec["truncated"] == 0.5 and rec["n_seqs"] == B * S and rec["L"] == L
+        # the Recorder's logprobs (-1.0 each) are not the model's: the run says its sampler looks stale
+        assert rec["gap_mean"] > opd.STALE_GAP and "WARNING: sampler and trainer disagree" in capsys.readouterr().out
 
 
 # Runs with different --seed draw different rollouts and see different data orders, at every step / epoch.
