@@ -697,6 +697,29 @@ def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, capsys, rank, w
         assert rec["gap_mean"] > opd.STALE_GAP and "WARNING: sampler and trainer disagree" in capsys.readouterr().out
 
 
+def test_grad_clip_bounds_the_update(tmp_path, monkeypatch):
+    """One real step (HF sampler, the embedded models) with and without --grad-clip. AdamW's first step moves a weight
+    by lr * g / (|g| + 1e-8): ~lr unclipped; clipped to a total norm of 1e-9, every |g| <= 1e-9 and the move
+    <= lr / 11. So the clip must have run on the gradients AdamW used."""
+    from safetensors.torch import load_file
+    monkeypatch.delenv("RANK", raising=False)
+    threads, lr = torch.get_num_threads(), 1e-3
+    start = load_file(embedded.STUDENT_DIR / "model.safetensors")
+    moved = {}
+    for clip in ("0", "1e-9"):
+        out = tmp_path / clip
+        try:
+            opd.main(["--steps", "1", "--batch-size", "2", "--samples", "2", "--prefix-start", "8", "--eval-n", "0",
+                      "--sampler", "hf", "--impl", "torch", "--lr", str(lr), "--grad-clip", clip, "--out", str(out)])
+        finally:
+            torch.set_num_threads(threads)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        end = load_file(out / "step_000001" / "model.safetensors")
+        moved[clip] = max((end[k] - start[k]).abs().max().item() for k in start)
+    assert moved["0"] > 0.9 * lr and moved["1e-9"] < 0.2 * lr, moved
+
+
 # Runs with different --seed draw different rollouts and see different data orders, at every step / epoch.
 # Kills seed formulas that only add the run's seed to the step or epoch (seed s step t+1 == seed s+1 step t).
 def cfg(**kw):
