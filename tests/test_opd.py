@@ -720,6 +720,24 @@ def test_grad_clip_bounds_the_update(tmp_path, monkeypatch):
     assert moved["0"] > 0.9 * lr and moved["1e-9"] < 0.2 * lr, moved
 
 
+@pytest.mark.parametrize("flag,value", [("--window", "2:5"), ("--tail", "3")])
+def test_window_and_tail_runs_train_only_their_tokens(tmp_path, monkeypatch, flag, value):
+    """Table 3's ablations end to end (HF sampler, the embedded models): untruncated rollouts (up to
+    --max-new-tokens), and the loss on 3 tokens of each: positions 2-4, or the last 3."""
+    monkeypatch.delenv("RANK", raising=False)
+    threads, out = torch.get_num_threads(), tmp_path / "run"
+    try:
+        opd.main(["--steps", "1", "--batch-size", "2", "--samples", "2", "--eval-n", "0", "--sampler", "hf",
+                  "--impl", "torch", flag, value, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    [rec] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rec["L"] == 64 and rec["len_max"] > 30  # the embedded max_new_tokens, not a prefix
+    assert rec["n_seqs"] == 4 and rec["trained_tokens"] == 4 * 3, rec
+
+
 # Runs with different --seed draw different rollouts and see different data orders, at every step / epoch.
 # Kills seed formulas that only add the run's seed to the step or epoch (seed s step t+1 == seed s+1 step t).
 def cfg(**kw):
