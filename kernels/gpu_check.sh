@@ -36,7 +36,7 @@ fi
 tests_rc=0 bench_rc=0 step_rc=0 opd_rc=0 eval_rc=0
 if want tests; then
     log "1/5 tests/test_kernels.py on CUDA"
-    # minus the CPU-side checks (the sm_90 build read from SASS, the tiny bench): CI runs those, the bench runs below
+    # minus the CPU-side checks (the sm_90 / sm_100 builds read from SASS, the tiny bench): CI runs those, the bench runs below
     # Triton compiles (every tile config of every kernel variant, on 1-2 cores each) take most of the time: with
     # pytest-xdist (carried in .whl/, or installed) 8 workers compile side by side
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")

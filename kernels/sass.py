@@ -248,7 +248,8 @@ def gemm_report(arch, M=2752):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda msg: (print(f"kernels.sass: error: {msg}", file=sys.stderr), sys.exit(2))
-    p.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100/H200), 100 (B200)")
+    p.add_argument("--arch", type=int, default=90,
+                   help="compute capability x 10: 80 (A100), 90 (H100/H200), 100 (B200)")
     p.add_argument("--check", action="store_true", help="exit 1 on spills or narrow bf16 loads/stores")
     a = p.parse_args()
     if a.arch < 75:

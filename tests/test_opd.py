@@ -95,6 +95,18 @@ def test_opd_loss_by_hand_with_scale_and_a_masked_token():
     assert loss.item() == pytest.approx((0.5 + 0.25) / 2)
 
 
+def main_in_process(argv):
+    """opd.main here (a world of one unless init_dist is patched), leaving torch's thread count as it was and no
+    process group behind, also when main fails half-way."""
+    threads = torch.get_num_threads()
+    try:
+        opd.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run_main(argv, capsys):
     with pytest.raises(SystemExit) as e:
         opd.main(argv)
@@ -665,17 +677,11 @@ def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, capsys, rank, w
         return out
 
     monkeypatch.setattr(opd, "train_step", train_step)
-    threads = torch.get_num_threads()
     out = tmp_path / "run"
     argv = ["--student", str(embedded.STUDENT_DIR), "--teacher", str(embedded.TEACHER_DIR), "--data",
             str(embedded.TRAIN_FILE), "--steps", "1", "--batch-size", str(B), "--samples", str(S),
             "--prefix-start", str(L), "--sampler", "hf", "--impl", "torch", "--seed", "3", "--out", str(out)]
-    try:
-        opd.main(argv)
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():  # main failed half-way: leave no process group to the next test
-            dist.destroy_process_group()
+    main_in_process(argv)
     cfg = opd.parse_args(argv)
     per_rank = B // world
     [call] = Recorder.calls
@@ -703,18 +709,13 @@ def test_grad_clip_bounds_the_update(tmp_path, monkeypatch):
     <= lr / 11. So the clip must have run on the gradients AdamW used."""
     from safetensors.torch import load_file
     monkeypatch.delenv("RANK", raising=False)
-    threads, lr = torch.get_num_threads(), 1e-3
+    lr = 1e-3
     start = load_file(embedded.STUDENT_DIR / "model.safetensors")
     moved = {}
     for clip in ("0", "1e-9"):
         out = tmp_path / clip
-        try:
-            opd.main(["--steps", "1", "--batch-size", "2", "--samples", "2", "--prefix-start", "8", "--eval-n", "0",
-                      "--sampler", "hf", "--impl", "torch", "--lr", str(lr), "--grad-clip", clip, "--out", str(out)])
-        finally:
-            torch.set_num_threads(threads)
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        main_in_process(["--steps", "1", "--batch-size", "2", "--samples", "2", "--prefix-start", "8", "--eval-n", "0",
+                         "--sampler", "hf", "--impl", "torch", "--lr", str(lr), "--grad-clip", clip, "--out", str(out)])
         end = load_file(out / "step_000001" / "model.safetensors")
         moved[clip] = max((end[k] - start[k]).abs().max().item() for k in start)
     assert moved["0"] > 0.9 * lr and moved["1e-9"] < 0.2 * lr, moved
@@ -725,14 +726,9 @@ def test_window_and_tail_runs_train_only_their_tokens(tmp_path, monkeypatch, fla
     """Table 3's ablations end to end (HF sampler, the embedded models): untruncated rollouts (up to
     --max-new-tokens), and the loss on 3 tokens of each: positions 2-4, or the last 3."""
     monkeypatch.delenv("RANK", raising=False)
-    threads, out = torch.get_num_threads(), tmp_path / "run"
-    try:
-        opd.main(["--steps", "1", "--batch-size", "2", "--samples", "2", "--eval-n", "0", "--sampler", "hf",
-                  "--impl", "torch", flag, value, "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    out = tmp_path / "run"
+    main_in_process(["--steps", "1", "--batch-size", "2", "--samples", "2", "--eval-n", "0", "--sampler", "hf",
+                     "--impl", "torch", flag, value, "--out", str(out)])
     [rec] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rec["L"] == 64 and rec["len_max"] > 30  # the embedded max_new_tokens, not a prefix
     assert rec["n_seqs"] == 4 and rec["trained_tokens"] == 4 * 3, rec
