@@ -23,7 +23,9 @@ gold answer with math-verify. Multiple choice: the last explicit letter (a boxed
 AIME-25 problem/answer, GPQA Question/Correct Answer/Incorrect Answer 1-3, MMLU-Pro question/options/answer). A benchmark named in
 --benchmarks without --data is fetched from the hub with `datasets` (when installed and online).
 Writes OUT/eval.json (every sample), OUT/table.md (rows = checkpoints, columns = benchmarks) and,
-for the probe, OUT/prefix_probe.png.
+for the probe, OUT/prefix_probe.png. Checkpoints that opd.py wrote (step_N/ with trainer/state.json) also get their
+training FLOPs (Appendix B accounting) in the table and OUT/compute.png: accuracy against training compute, one line
+per run, as the paper's Fig. 4; models without that record (base models, the teacher) are dashed levels.
 """
 import argparse
 import ast
@@ -346,11 +348,26 @@ def summarize(samples):
                 for c, qs in cols.items()} for r, cols in per_q.items()}
 
 
-def markdown_table(summary, cols, first):
-    """Rows = checkpoints (or student · benchmark), columns = benchmarks (or prefix lengths), as Tables 1-2."""
+def markdown_table(summary, cols, first, flop=None):
+    """Rows = checkpoints (or student · benchmark), columns = benchmarks (or prefix lengths), as Tables 1-2;
+    flop {row: training FLOPs}: a last column for the rows that have one."""
     cell = lambda v: f"{v[0]:.1f} ± {v[1]:.1f}" if v else "–"
-    return (f"| {first} | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n" +
-            "".join(f"| {r} | " + " | ".join(cell(by.get(c)) for c in cols) + " |\n" for r, by in summary.items()))
+    last = (lambda r: [f"{flop[r]:.2e}" if r in flop else "–"]) if flop else (lambda r: [])
+    return (f"| {first} | " + " | ".join(cols + ["training FLOP"] * bool(flop)) + " |\n|---|" +
+            "---|" * (len(cols) + bool(flop)) + "\n" + "".join(
+                f"| {r} | " + " | ".join([cell(by.get(c)) for c in cols] + last(r)) + " |\n" for r, by in summary.items()))
+
+
+def training_record(path):
+    """{run, step, flops} of a checkpoint opd.py wrote (run/step_N/trainer/state.json; flops: the run's training
+    FLOPs up to it, Appendix B accounting), else None."""
+    try:
+        with open(os.path.join(path, "trainer", "state.json")) as f:
+            state = json.load(f)
+        return dict(run=os.path.dirname(os.path.normpath(path)) or ".", step=int(state["step"]),
+                    flops=float(state["flops_total"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -438,12 +455,20 @@ def resolve_model(m):
     return m
 
 
+def row_names(paths):
+    """{path: table row}: the paths' last components, as few as keep the rows apart (runA/step_000010)."""
+    parts = [os.path.normpath(p).split(os.sep) for p in paths]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(q[-k:]) for q in parts]
+        if len(set(names)) == len(names):
+            break
+    return dict(zip(paths, names))
+
+
 def main(argv=None):
     args = parse_args(argv)
     data = {b: load_benchmark(b, args.data.get(b))[:args.limit] for b in args.benchmarks}  # every input checked first
-    names = {m: os.path.basename(os.path.normpath(m)) for m in args.model + [args.teacher_prefix] if m}
-    if len(set(names.values())) < len(names):
-        names = {m: m for m in names}
+    names = row_names([m for m in args.model + [args.teacher_prefix] if m])
     ks = {b: args.samples or BENCHMARKS[b][2] for b in args.benchmarks}
     items = [dict(benchmark=b, q=q, k=ks[b], head=[]) for b in args.benchmarks for q in data[b]]
     title = lambda x: BENCHMARKS[x["benchmark"]][0]
@@ -456,23 +481,32 @@ def main(argv=None):
         for m in args.model:
             samples += [dict(x, row=names[m], col=title(x)) for x in complete(m, items, args)[0]]
     summary = summarize(samples)
+    trained = {}  # row: {run, step, flops} of the checkpoints opd.py wrote
     if args.teacher_prefix:
         table = markdown_table(summary, [f"L={L}" for L in args.prefix_lengths], "student · benchmark")
         table += "\n" + markdown_table(summarize(teacher), [BENCHMARKS[b][0] for b in args.benchmarks],
                                         "teacher (1 solution per question)")
     else:
-        table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint")
+        trained = {names[m]: rec for m in args.model if (rec := training_record(m))}
+        table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint",
+                               {r: t["flops"] for r, t in trained.items()})
     table += (f"\nmean acc@k in % (k: {', '.join(f'{b} {k}' for b, k in ks.items())}); ± = 95% normal-approximation "
               f"interval over questions; temperature 1.0, top-p 1.0, at most {args.max_new_tokens} new tokens\n")
     out = args.out
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(dict(config=vars(args), summary=summary, samples=samples, teacher_samples=teacher), f, indent=1)
+        json.dump(dict(config=vars(args), summary=summary, samples=samples, teacher_samples=teacher,
+                       training=trained), f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
+    wrote = ["eval.json", "table.md"]
     if args.teacher_prefix:
         plot_probe(summary, summarize(teacher), args.prefix_lengths, os.path.join(out, "prefix_probe.png"))
-    print("\n" + table + f"\nwrote {out}/eval.json and {out}/table.md")
+        wrote.append("prefix_probe.png")
+    elif trained:
+        plot_compute(summary, trained, [BENCHMARKS[b][0] for b in args.benchmarks], os.path.join(out, "compute.png"))
+        wrote.append("compute.png")
+    print("\n" + table + "\nwrote " + ", ".join(f"{out}/{w}" for w in wrote))
 
 
 def plot_probe(summary, teacher, lengths, path):
@@ -492,6 +526,31 @@ def plot_probe(summary, teacher, lengths, path):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_compute(summary, trained, cols, path):
+    """Fig. 4: mean acc@k against training FLOPs, a panel per benchmark and a line per run (the directory holding
+    the step_N checkpoints); rows without a training record (base model, teacher) are dashed levels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.5), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        for run in dict.fromkeys(t["run"] for t in trained.values()):  # in --model order
+            rows = sorted((r for r, t in trained.items() if t["run"] == run and col in summary[r]),
+                          key=lambda r: trained[r]["flops"])
+            ax.errorbar([trained[r]["flops"] for r in rows], [summary[r][col][0] for r in rows],
+                        yerr=[summary[r][col][1] for r in rows], marker="o", capsize=3, label=run)
+        for r in summary:
+            if r not in trained and col in summary[r]:
+                ax.axhline(summary[r][col][0], ls="--", lw=1, color="gray")
+                ax.annotate(r, (0, summary[r][col][0]), xycoords=("axes fraction", "data"), fontsize=7,
+                            va="bottom", color="gray")
+        ax.set(xscale="log", xlabel="training FLOPs (Appendix B)", ylabel="mean acc@k (%)", title=col, ylim=(0, None))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """eval.py: grading, loaders, the prompt, end-to-end runs on the embedded task, clear errors. CPU only."""
-import csv, importlib.util, json, os, shutil, subprocess, sys
+import csv, importlib.util, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -353,3 +353,32 @@ def test_summarize_is_over_questions():
     mean, ci, nq, k = s["m"]["B"]
     assert (nq, k) == (2, 2) and mean == pytest.approx(50.0) and ci == pytest.approx(98.0)
     assert s["m"]["C"] == (pytest.approx(25.0), 0.0, 1, 4)  # one question: acc@4 = 1/4, no interval
+
+
+def test_checkpoints_of_runs_get_training_flops_and_the_compute_plot(tmp_path):
+    """Checkpoints opd.py wrote (run/step_N/ with trainer/state.json) get their run's training FLOPs in the table and
+    a line per run in compute.png (Fig. 4); the base model is a row without FLOPs. The checkpoints here are the
+    embedded student with a state.json beside it, so only the bookkeeping is under test."""
+    import embedded
+    ckpts = {"runA/step_000005": 1e10, "runA/step_000010": 3e10, "runB/step_000005": 2e10}
+    for rel, fl in ckpts.items():
+        d = tmp_path / rel
+        shutil.copytree(embedded.STUDENT_DIR, d)
+        (d / "trainer").mkdir()
+        (d / "trainer" / "state.json").write_text(json.dumps(dict(step=int(rel[-2:]), flops_total=fl, skipped=0)))
+    out = tmp_path / "ev"
+    r = run_cli("--model", *ckpts, "student", "--limit", "3", "--samples", "1", "--max-new-tokens", "64",
+                "--sampler", "hf", "--dtype", "float32", "--out", str(out), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    # two checkpoints share the name step_000005, so rows are the paths as given
+    assert res["training"] == {"runA/step_000005": dict(run="runA", step=5, flops=1e10),
+                               "runA/step_000010": dict(run="runA", step=10, flops=3e10),
+                               "runB/step_000005": dict(run="runB", step=5, flops=2e10)}
+    table = (out / "table.md").read_text()
+    assert table.startswith("| checkpoint | embedded | training FLOP |\n|---|---|---|\n")
+    assert "| runA/step_000010 | " in table and " | 3.00e+10 |\n" in table
+    # rows: as few path parts as tell them apart
+    assert re.search(r"\n\| embedded/student \| [\d.]+ ± [\d.]+ \| – \|\n", table)
+    assert (out / "compute.png").read_bytes()[:4] == b"\x89PNG"
+    assert "compute.png" in r.stdout
