@@ -15,6 +15,8 @@ gold answer with math-verify. Multiple choice: the last explicit letter (a boxed
     python eval.py --model runs/x/step_000050 runs/x/step_000060 \\
         --data math500=math500.jsonl aime24=aime24.parquet aime25=aime25.jsonl gpqa=gpqa_diamond.csv \\
                mmlupro=mmlu_pro_test.parquet
+    python eval.py --model Qwen/Qwen3-1.7B-Base runs/x/step_0000{10,20,30,40,50,60} --dev aime24 \\
+        --data aime24=aime24.parquet math500=math500.jsonl     # Appendix E: each run's best step on AIME-24 goes on
     python eval.py --model Qwen/Qwen3-1.7B-Base --teacher-prefix Qwen/Qwen3-8B \\
         --data aime24=aime24.parquet --prefix-lengths 0,2048,4096,6144,8192     # Fig. 3
 
@@ -388,6 +390,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (--sampler hf)")
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="vLLM KV cache on CPU (else it takes ~18 GB)")
     p.add_argument("--grade-workers", type=int, default=2, help="processes for math-verify grading")
+    p.add_argument("--dev", metavar="BENCH", help="Appendix E: score every checkpoint on BENCH (paper: aime24), keep "
+                   "each run's best, and score only those (and models that are no opd.py checkpoint) on the rest")
     p.add_argument("--teacher-prefix", metavar="TEACHER", help="run the §2.3 probe: students continue TEACHER's "
                    "prefixes (embedded task: use e.g. --prefix-lengths 0,8,16,32 --prefix-margin 4)")
     p.add_argument("--prefix-lengths", default="0,2048,4096,6144,8192", help="comma list of L (probe)")
@@ -408,6 +412,10 @@ def parse_args(argv):
     for b in args.benchmarks + list(args.data):
         if b not in BENCHMARKS:
             raise BadInput(f"unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
+    if args.dev and args.dev not in args.benchmarks:
+        raise BadInput(f"--dev {args.dev} is not among the benchmarks ({', '.join(args.benchmarks)}): add it")
+    if args.dev and args.teacher_prefix:
+        raise BadInput("--dev picks checkpoints for the benchmark table; the --teacher-prefix probe has no use for it")
     for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
@@ -455,6 +463,18 @@ def resolve_model(m):
     return m
 
 
+def dev_picks(summary, trained, dev):
+    """{run: its checkpoint with the best mean acc@k on the dev column (ties: the one trained with fewer FLOPs)};
+    a row that no opd.py run wrote is a run of its own."""
+    best = {}
+    for r, by in summary.items():
+        run = trained[r]["run"] if r in trained else r
+        key = (by[dev][0], -trained[r]["flops"] if r in trained else 0)
+        if run not in best or key > best[run][0]:
+            best[run] = (key, r)
+    return {run: r for run, (_, r) in best.items()}
+
+
 def row_names(paths):
     """{path: table row}: the paths' last components, as few as keep the rows apart (runA/step_000010)."""
     parts = [os.path.normpath(p).split(os.sep) for p in paths]
@@ -478,25 +498,36 @@ def main(argv=None):
         samples = [dict(x, row=f"{names[x['model']]} · {title(x)}", col=f"L={x['prefix']}") for x in s]
         teacher = [dict(x, row=f"teacher {names[x['model']]}", col=title(x)) for x in t]
     else:
+        first = [it for it in items if it["benchmark"] == args.dev] if args.dev else items
         for m in args.model:
-            samples += [dict(x, row=names[m], col=title(x)) for x in complete(m, items, args)[0]]
+            samples += [dict(x, row=names[m], col=title(x)) for x in complete(m, first, args)[0]]
+    trained = {names[m]: rec for m in args.model if (rec := training_record(m))}  # row: {run, step, flops}
+    picks = {}
+    if args.dev:  # Appendix E: each run's best checkpoint on the dev benchmark goes on to the others
+        picks = dev_picks(summarize(samples), trained, BENCHMARKS[args.dev][0])
+        rest = [it for it in items if it["benchmark"] != args.dev]
+        for m in args.model:
+            if rest and names[m] in picks.values():
+                samples += [dict(x, row=names[m], col=title(x)) for x in complete(m, rest, args)[0]]
     summary = summarize(samples)
-    trained = {}  # row: {run, step, flops} of the checkpoints opd.py wrote
     if args.teacher_prefix:
         table = markdown_table(summary, [f"L={L}" for L in args.prefix_lengths], "student · benchmark")
         table += "\n" + markdown_table(summarize(teacher), [BENCHMARKS[b][0] for b in args.benchmarks],
                                         "teacher (1 solution per question)")
     else:
-        trained = {names[m]: rec for m in args.model if (rec := training_record(m))}
         table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint",
                                {r: t["flops"] for r, t in trained.items()})
+        if any(r in trained for r in picks.values()):
+            table += (f"\n{BENCHMARKS[args.dev][0]} as dev set (Appendix E), best of each run: " +
+                      "; ".join(f"{run}: {r}" for run, r in picks.items() if r in trained) +
+                      ". Only these and the models outside a run were scored on the other benchmarks.\n")
     table += (f"\nmean acc@k in % (k: {', '.join(f'{b} {k}' for b, k in ks.items())}); ± = 95% normal-approximation "
               f"interval over questions; temperature 1.0, top-p 1.0, at most {args.max_new_tokens} new tokens\n")
     out = args.out
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(config=vars(args), summary=summary, samples=samples, teacher_samples=teacher,
-                       training=trained), f, indent=1)
+                       training=trained, dev_picks=picks), f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
     wrote = ["eval.json", "table.md"]

@@ -298,6 +298,8 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--cpu-kv-cache-gb", "0"], "--cpu-kv-cache-gb must be > 0"),
     (["--model", "student", "student"], "names a checkpoint twice"),
     (["--out", "FILE/sub"], "is not a writable directory"),                # checked before any sampling
+    (["--dev", "aime24"], "--dev aime24 is not among the benchmarks (embedded): add it"),
+    (["--dev", "embedded", "--teacher-prefix", "teacher"], "the --teacher-prefix probe has no use for it"),
 ])
 def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
     ckpt = tmp_path / "ckpt"  # passes the checkpoint check; nothing gets far enough to load it
@@ -355,30 +357,40 @@ def test_summarize_is_over_questions():
     assert s["m"]["C"] == (pytest.approx(25.0), 0.0, 1, 4)  # one question: acc@4 = 1/4, no interval
 
 
-def test_checkpoints_of_runs_get_training_flops_and_the_compute_plot(tmp_path):
+def test_checkpoints_of_runs_get_training_flops_the_compute_plot_and_dev_picks(tmp_path):
     """Checkpoints opd.py wrote (run/step_N/ with trainer/state.json) get their run's training FLOPs in the table and
-    a line per run in compute.png (Fig. 4); the base model is a row without FLOPs. The checkpoints here are the
-    embedded student with a state.json beside it, so only the bookkeeping is under test."""
+    a line per run in compute.png (Fig. 4). --dev (Appendix E): each run's best checkpoint on the dev benchmark, and
+    every model outside a run, go on to the other benchmarks; the rest do not. The checkpoints are the embedded
+    models with a state.json beside them (runA's second one is the teacher, which solves the task)."""
     import embedded
-    ckpts = {"runA/step_000005": 1e10, "runA/step_000010": 3e10, "runB/step_000005": 2e10}
-    for rel, fl in ckpts.items():
+    ckpts = {"runA/step_000005": (embedded.STUDENT_DIR, 1e10), "runA/step_000010": (embedded.TEACHER_DIR, 3e10),
+             "runB/step_000005": (embedded.STUDENT_DIR, 2e10)}
+    for rel, (src, fl) in ckpts.items():
         d = tmp_path / rel
-        shutil.copytree(embedded.STUDENT_DIR, d)
+        shutil.copytree(src, d)
         (d / "trainer").mkdir()
         (d / "trainer" / "state.json").write_text(json.dumps(dict(step=int(rel[-2:]), flops_total=fl, skipped=0)))
     out = tmp_path / "ev"
-    r = run_cli("--model", *ckpts, "student", "--limit", "3", "--samples", "1", "--max-new-tokens", "64",
-                "--sampler", "hf", "--dtype", "float32", "--out", str(out), tmp_path=tmp_path)
+    r = run_cli("--model", *ckpts, "student", "--benchmarks", "embedded,math500", "--dev", "embedded",
+                "--data", f"math500={FIX / 'math500.jsonl'}", "--limit", "4", "--samples", "2",
+                "--max-new-tokens", "64", "--sampler", "hf", "--dtype", "float32", "--out", str(out), tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "eval.json").read_text())
-    # two checkpoints share the name step_000005, so rows are the paths as given
+    # two checkpoints share the name step_000005, so rows are as few path parts as tell them apart
     assert res["training"] == {"runA/step_000005": dict(run="runA", step=5, flops=1e10),
                                "runA/step_000010": dict(run="runA", step=10, flops=3e10),
                                "runB/step_000005": dict(run="runB", step=5, flops=2e10)}
+    acc = {row: by["embedded"][0] for row, by in res["summary"].items()}
+    assert acc["runA/step_000010"] > acc["runA/step_000005"]  # the teacher beats the student on the dev set
+    assert res["dev_picks"] == {"runA": "runA/step_000010", "runB": "runB/step_000005",
+                                "embedded/student": "embedded/student"}
+    scored = {x["row"] for x in res["samples"] if x["benchmark"] == "math500"}
+    assert scored == {"runA/step_000010", "runB/step_000005", "embedded/student"}
     table = (out / "table.md").read_text()
-    assert table.startswith("| checkpoint | embedded | training FLOP |\n|---|---|---|\n")
-    assert "| runA/step_000010 | " in table and " | 3.00e+10 |\n" in table
-    # rows: as few path parts as tell them apart
-    assert re.search(r"\n\| embedded/student \| [\d.]+ ± [\d.]+ \| – \|\n", table)
+    assert table.startswith("| checkpoint | embedded | MATH500 | training FLOP |\n|---|---|---|---|\n")
+    assert re.search(r"\n\| runA/step_000005 \| [\d.]+ ± [\d.]+ \| – \| 1.00e\+10 \|\n", table)
+    assert re.search(r"\n\| runA/step_000010 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| 3.00e\+10 \|\n", table)
+    assert re.search(r"\n\| embedded/student \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| – \|\n", table)
+    assert "best of each run: runA: runA/step_000010; runB: runB/step_000005." in table
     assert (out / "compute.png").read_bytes()[:4] == b"\x89PNG"
     assert "compute.png" in r.stdout
