@@ -241,6 +241,8 @@ def sample(path, prompts, ns, max_tokens, args):
     """ns[i] continuations of each prompt (token ids), at most max_tokens[i] long: (token ids with the end token
     dropped, whether it ended there rather than at the budget). One model load per call: callers pass every
     benchmark's prompts at once."""
+    if args.engines > 1 and len(prompts) > 1:
+        return sample_parallel(path, prompts, ns, max_tokens, args)
     tok, eos, max_pos = model_info(path)
     max_tokens = [max(1, min(m, max_pos - len(p))) for p, m in zip(prompts, max_tokens)]
     if args.sampler == "vllm":
@@ -249,6 +251,36 @@ def sample(path, prompts, ns, max_tokens, args):
     else:
         out = sample_hf(path, prompts, ns, max_tokens, tok, eos, args)
     return [[(cut_eos(ids, eos), finished) for ids, finished in row] for row in out]
+
+
+def sample_parallel(path, prompts, ns, max_tokens, args):
+    """sample() over --engines data-parallel engines: processes of their own, each on one GPU (of those visible)
+    when there are GPUs, each taking every engines-th prompt with its own seed; results in the prompts' order."""
+    import multiprocessing as mp
+    import torch
+    e = min(args.engines, len(prompts))
+    gpus = [None] * e
+    if torch.cuda.is_available():  # device_count does not initialise CUDA here: the engines' processes pick a GPU
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if len(ids) < e:
+            raise BadInput(f"--engines {args.engines}: only {len(ids)} GPUs are visible (one engine per GPU)")
+        gpus = ids[:e]
+    jobs = [(path, prompts[i::e], ns[i::e], max_tokens[i::e], argparse.Namespace(**dict(
+        vars(args), engines=1, seed=args.seed + 1_000_003 * i, quiet=i > 0)), gpus[i]) for i in range(e)]
+    with ProcessPoolExecutor(max_workers=e, mp_context=mp.get_context("spawn")) as pool:
+        shards = list(pool.map(_sample_shard, jobs))
+    out = [None] * len(prompts)
+    for i, shard in enumerate(shards):
+        out[i::e] = shard
+    return out
+
+
+def _sample_shard(job):
+    path, prompts, ns, max_tokens, args, gpu = job
+    if gpu is not None:  # before anything touches CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return sample(path, prompts, ns, max_tokens, args)
 
 
 def cut_eos(ids, eos):
@@ -265,7 +297,7 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     llm = LLM(model=path, dtype=args.dtype, seed=args.seed, max_model_len=max_model_len, **extra)
     params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=m, stop_token_ids=eos)
               for n, m in zip(ns, max_tokens)]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=not getattr(args, "quiet", False))
     del llm  # free the engine before the next checkpoint loads
     gc.collect()
     return [[(list(c.token_ids), c.finish_reason != "length") for c in o.outputs] for o in outs]
@@ -286,7 +318,8 @@ def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
             e += 1
         batches, b = batches + [(b, e)], e
     out = []
-    for k, (b, e) in enumerate(tqdm(batches, desc=f"sampling {os.path.basename(path)}")):
+    for k, (b, e) in enumerate(tqdm(batches, desc=f"sampling {os.path.basename(path)}",
+                                    disable=getattr(args, "quiet", False))):
         n = ns[b]
         rollouts = sampler.generate(prompts[b:e], n, max(max_tokens[b:e]), seed=args.seed + k)
         out += [[(toks[:m], not cut and len(toks) <= m) for toks, _, cut in rollouts[i * n:(i + 1) * n]]
@@ -387,6 +420,8 @@ def parse_args(argv):
     p.add_argument("--sampler", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--engines", type=int, default=1, help="data-parallel sampling engines, one process and one GPU "
+                   "each (e.g. 8 on an 8-GPU node for models that fit one GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (--sampler hf)")
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="vLLM KV cache on CPU (else it takes ~18 GB)")
     p.add_argument("--grade-workers", type=int, default=2, help="processes for math-verify grading")
@@ -416,7 +451,7 @@ def parse_args(argv):
         raise BadInput(f"--dev {args.dev} is not among the benchmarks ({', '.join(args.benchmarks)}): add it")
     if args.dev and args.teacher_prefix:
         raise BadInput("--dev picks checkpoints for the benchmark table; the --teacher-prefix probe has no use for it")
-    for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers"):
+    for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers", "engines"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
     if not args.cpu_kv_cache_gb > 0:

@@ -229,19 +229,24 @@ def run_cli(*argv, tmp_path, env_extra=None):
 
 
 def test_end_to_end_vllm_on_cpu(tmp_path):
+    """Two vLLM engines per model (--engines 2: a process each, every other prompt), their samples put back in the
+    prompts' order and graded."""
     import embedded
     out = tmp_path / "run"
     r = run_cli("--model", "student", "teacher", "--benchmarks", "embedded,math500",
                 "--data", f"math500={FIX / 'math500.jsonl'}", "--samples", "2", "--limit", "6",
-                "--max-new-tokens", "96", "--out", str(out), tmp_path=tmp_path)
+                "--max-new-tokens", "96", "--engines", "2", "--out", str(out), tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "eval.json").read_text())
     s = res["samples"]
     assert len(s) == 2 * (6 * 2 + 3 * 2)  # models x (embedded 6 q + math500 3 q) x 2 samples
     assert {k for k in s[0]} >= {"model", "benchmark", "id", "sample", "completion", "extracted", "correct"}
+    questions = {str(i): r["question"] for i, r in enumerate(ev.load_benchmark("embedded", None))}
     for x in s:
         assert x["finished"] == (x["tokens"] < 96), x  # ended at the end token, or cut off at the budget
-        if x["benchmark"] == "embedded":
+        if x["benchmark"] == "embedded":  # a solution's first line copies its question's first operation
+            first = re.match(r"Compute (\d+[+-]\d+)", questions[x["id"]]).group(1)
+            assert x["completion"].startswith(first + "="), (x["completion"], questions[x["id"]])
             assert x["correct"] == embedded.grade(x["completion"], x["answer"])
             assert x["extracted"] == embedded.extract_answer(x["completion"])
         else:
@@ -292,6 +297,7 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--benchmarks", "gpqa", "--data", f"gpqa={FIX / 'aime25.jsonl'}"], "no column 'Question'"),
     (["--model", "no/such/ckpt"], "no HF checkpoint at no/such/ckpt"),
     (["--samples", "0"], "--samples must be >= 1"),
+    (["--engines", "0"], "--engines must be >= 1"),
     (["--prefix-lengths", "1k,2k"], "--prefix-lengths takes integers"),
     (["--data", "math500"], "--data takes BENCH=FILE pairs"),
     (["--sampler", "tgi"], "invalid choice: 'tgi'"),
