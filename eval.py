@@ -15,8 +15,8 @@ gold answer with math-verify. Multiple choice: the last explicit letter (a boxed
     python eval.py --model runs/x/step_000050 runs/x/step_000060 \\
         --data math500=math500.jsonl aime24=aime24.parquet aime25=aime25.jsonl gpqa=gpqa_diamond.csv \\
                mmlupro=mmlu_pro_test.parquet
-    python eval.py --model Qwen/Qwen3-1.7B-Base runs/x/step_0000{10,20,30,40,50,60} --dev aime24 \\
-        --data aime24=aime24.parquet math500=math500.jsonl     # Appendix E: each run's best step on AIME-24 goes on
+    python eval.py --model Qwen/Qwen3-1.7B-Base runs/x/step_0000{10,20,30,40,50,60} --dev aime24 --engines 8 \\
+        --data aime24=aime24.parquet math500=math500.jsonl     # Appendix E; one engine per GPU of 8
     python eval.py --model Qwen/Qwen3-1.7B-Base --teacher-prefix Qwen/Qwen3-8B \\
         --data aime24=aime24.parquet --prefix-lengths 0,2048,4096,6144,8192     # Fig. 3
 
