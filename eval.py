@@ -615,9 +615,9 @@ def main(argv=None):
     title = lambda x: BENCHMARKS[x["benchmark"]][0]
     samples, teacher = [], []
     scored = {}  # row: ([(prompt ids, response ids)], the model's own logps) for --kl-teacher
-    for flag, teacher in (("--teacher-prefix", args.teacher_prefix), ("--kl-teacher", args.kl_teacher)):
-        if teacher:  # before any sampling
-            check_vocab(args.model, teacher, flag)
+    for flag, path in (("--teacher-prefix", args.teacher_prefix), ("--kl-teacher", args.kl_teacher)):
+        if path:  # before any sampling
+            check_vocab(args.model, path, flag)
 
     def run(m, its):  # sample, grade, and (--kl-teacher) score the samples under their own model
         recs, ids = complete(m, its, args)
@@ -666,8 +666,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(dict(config=vars(args), summary=summary, samples=samples, teacher_samples=teacher,
-                       training=trained, dev_picks=picks, kl_teacher=args.kl_teacher, kl_bin=args.kl_bin,
-                       kl=kl), f, indent=1)
+                       training=trained, dev_picks=picks, kl=kl), f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
     wrote = ["eval.json", "table.md"]

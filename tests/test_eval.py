@@ -418,6 +418,7 @@ def test_kl_to_the_teacher_by_position_by_hand(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "eval.json").read_text())
     assert res["kl"]["teacher"]["kl"] == 0 and set(res["kl"]["teacher"]["kl_by_pos"]) == {0}
+    assert res["teacher_samples"] == []  # the probe's, not the KL teacher's
     tok = ev.model_info(str(embedded.STUDENT_DIR))[0]
     models = {d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
               for d in (embedded.STUDENT_DIR, embedded.TEACHER_DIR)}
