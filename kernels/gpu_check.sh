@@ -4,8 +4,8 @@
 #     bash kernels/gpu_check.sh            # logs, bench.csv, bench.png go to $OUT (else ./bench_out)
 # Then the whole-model step benchmark (kernels/bench_step.py) and a short training run of opd.py on the GPU
 # (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
-# Then eval.py on the GPU (embedded student, HF sampler, 32 questions).
-# Each step is cut off by its own timeout (150 + 420 + 100 + 70 + 60 s): with a 10-minute limit per call, pick steps
+# Then eval.py on the GPU (embedded student and opd.py's checkpoint, HF sampler, 32 questions, KL to the teacher).
+# Each step is cut off by its own timeout (150 + 420 + 100 + 70 + 90 s): with a 10-minute limit per call, pick steps
 # with ONLY.
 # Optional: ONLY="tests bench step opd eval" (any subset) runs only those steps.
 # Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, pytest-xdist + execnet, ...) is installed first.
@@ -69,9 +69,12 @@ if want opd; then
 fi
 
 if want eval; then
-    log "5/5 eval.py on the GPU: embedded student, HF sampler, 32 held-out questions x 4 samples"
-    timeout 60 $PY eval.py --model student --sampler hf --limit 32 --out /tmp/eval_gpu 2>&1 | grep -v Warning \
-        | tee "$OUT/eval_gpu.log"
+    # the checkpoint of step 4 when the opd step ran: its training FLOPs, compute.png; --kl-teacher scores every
+    # sample on the GPU with the fused kernels
+    MODELS="student$(ls -d /tmp/opd_gpu/step_000004 2>/dev/null | sed 's/^/ /')"
+    log "5/5 eval.py on the GPU: $MODELS, HF sampler, 32 held-out questions x 4 samples, KL to the teacher"
+    timeout 90 $PY eval.py --model $MODELS --sampler hf --limit 32 --kl-teacher teacher --kl-bin 8 \
+        --out "$OUT/eval_gpu" 2>&1 | grep -v Warning | tee "$OUT/eval_gpu.log"
     eval_rc=$?
 fi
 
