@@ -223,7 +223,7 @@ def interleaved(meths, h, w, y, c, opd, dev):
     floor = lambda: torch.mm(h, w.t())
     calls = [(name, mode, fn) for name, fns in meths.items() for mode, fn in zip(("fwd", "fwd+bwd"), fns) if fn]
     ratios = {(name, mode): [] for name, mode, _ in calls}
-    for _ in range(5 if dev.type == "cuda" else 1):
+    for _ in range(9 if dev.type == "cuda" else 1):  # 5 in run 9 left per-round spreads of 1.01-1.29: more
         f = time_ms(floor, dev, [h, w], short=True)
         for name, mode, fn in calls:
             ms = time_ms(lambda: fn(h, w, y, c, opd), dev, [h, w], short=True)
