@@ -262,23 +262,27 @@ def sample_parallel(path, prompts, ns, max_tokens, args):
     """sample() over --engines data-parallel engines: processes of their own, each on one GPU (of those visible)
     when there are GPUs, each taking every engines-th prompt with its own seed; results in the prompts' order."""
     import multiprocessing as mp
-    import torch
     e = min(args.engines, len(prompts))
-    gpus = [None] * e
-    if torch.cuda.is_available():  # device_count does not initialise CUDA here: the engines' processes pick a GPU
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        if len(ids) < e:
-            raise BadInput(f"--engines {args.engines}: only {len(ids)} GPUs are visible (one engine per GPU)")
-        gpus = ids[:e]
+    gpus = gpu_ids()[:e] or [None] * e  # parse_args checked there are enough
     jobs = [(path, prompts[i::e], ns[i::e], max_tokens[i::e], argparse.Namespace(**dict(
         vars(args), engines=1, seed=args.seed + 1_000_003 * i, quiet=i > 0)), gpus[i]) for i in range(e)]
-    with ProcessPoolExecutor(max_workers=e, mp_context=mp.get_context("spawn")) as pool:
+    # one shard per process: a process that took a second shard would stay on its first GPU
+    with ProcessPoolExecutor(max_workers=e, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
         shards = list(pool.map(_sample_shard, jobs))
     out = [None] * len(prompts)
     for i, shard in enumerate(shards):
         out[i::e] = shard
     return out
+
+
+def gpu_ids():
+    """The visible GPUs' ids as CUDA_VISIBLE_DEVICES names them (none on a CPU machine). device_count does not
+    initialise CUDA in this process: the engines' own processes pick their GPU."""
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def _sample_shard(job):
@@ -302,7 +306,7 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     llm = LLM(model=path, dtype=args.dtype, seed=args.seed, max_model_len=max_model_len, **extra)
     params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=m, stop_token_ids=eos)
               for n, m in zip(ns, max_tokens)]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=not getattr(args, "quiet", False))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=not args.quiet)
     del llm  # free the engine before the next checkpoint loads
     gc.collect()
     return [[(list(c.token_ids), c.finish_reason != "length") for c in o.outputs] for o in outs]
@@ -324,7 +328,7 @@ def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
         batches, b = batches + [(b, e)], e
     out = []
     for k, (b, e) in enumerate(tqdm(batches, desc=f"sampling {os.path.basename(path)}",
-                                    disable=getattr(args, "quiet", False))):
+                                    disable=args.quiet)):
         n = ns[b]
         rollouts = sampler.generate(prompts[b:e], n, max(max_tokens[b:e]), seed=args.seed + k)
         out += [[(toks[:m], not cut and len(toks) <= m) for toks, _, cut in rollouts[i * n:(i + 1) * n]]
@@ -409,8 +413,9 @@ def training_record(path):
     try:
         with open(os.path.join(path, "trainer", "state.json")) as f:
             state = json.load(f)
-        return dict(run=os.path.dirname(os.path.normpath(path)) or ".", step=int(state["step"]),
-                    flops=float(state["flops_total"]))
+        run = os.path.realpath(os.path.dirname(os.path.normpath(path)) or ".")  # one run however it is spelled
+        rel = os.path.relpath(run)
+        return dict(run=run if rel.startswith("..") else rel, step=int(state["step"]), flops=float(state["flops_total"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -420,7 +425,7 @@ SCORE_TOKENS = 32768  # padded tokens per scoring forward (opd.py's default micr
 
 
 def score(path, seqs):
-    """log p of every response token of seqs [(prompt ids, response ids)] under model `path`, teacher-forced by the
+    """log p of every response token of seqs [(prompt ids, response ids tensor)] under model `path`, teacher-forced by the
     training loop's own code (opd.forward, kernels.token_logprobs): an fp32 CPU tensor per sequence."""
     import gc
     import torch
@@ -434,7 +439,8 @@ def score(path, seqs):
     out = [None] * len(seqs)
     with torch.no_grad():
         for g in micro_batches([len(p) + len(r) for p, r in seqs], SCORE_TOKENS):
-            lp = forward(model, [seqs[i] for i in g], pad, device, kernels.token_logprobs, 1.0)[0].float().cpu()
+            batch = [(seqs[i][0], seqs[i][1].tolist()) for i in g]
+            lp = forward(model, batch, pad, device, kernels.token_logprobs, 1.0)[0].float().cpu()
             for i, part in zip(g, lp.split([len(seqs[i][1]) for i in g])):
                 out[i] = part
     del model
@@ -449,41 +455,21 @@ def kl_by_position(runs, teacher, width):
     log p_model(x_t) - log p_teacher(x_t) over each row's samples (runs: [(row, seqs, model logps)]), overall and
     by `width`-token position bins (paper Fig. 2 / 5); the teacher is loaded once for every row."""
     import torch
-    lt = iter(score(teacher, [s for _, seqs, _ in runs for s in seqs]))
+    every = [s for _, seqs, _ in runs for s in seqs]
+    lt = iter(score(teacher, every) if every else [])
     out = {}
     for row, seqs, ls in runs:
         kl = [a - next(lt) for a in ls]
         n = max((len(k) for k in kl), default=0)
-        sums, counts = torch.zeros(-(-n // width), dtype=torch.float64), torch.zeros(-(-n // width))
+        sums, counts = (torch.zeros(-(-n // width), dtype=torch.float64) for _ in range(2))
         for k in kl:
             b = torch.arange(len(k)) // width
             sums.index_add_(0, b, k.double())
-            counts.index_add_(0, b, torch.ones(len(k)))
-        out[row] = dict(kl=float(sums.sum() / max(counts.sum(), 1)), tokens_by_pos=counts.long().tolist(),
+            counts.index_add_(0, b, torch.ones(len(k), dtype=torch.float64))
+        total = counts.sum().item()  # 0: every sample empty, no KL (not a perfect 0)
+        out[row] = dict(kl=sums.sum().item() / total if total else None, tokens_by_pos=counts.long().tolist(),
                         kl_by_pos=[round(float(a / c), 5) if c else None for a, c in zip(sums, counts)])
     return out
-
-
-def plot_kl(kl, width, teacher, path):
-    """Fig. 5: the sampled-token reverse KL to the teacher by position in the response, a line per row; below it
-    how many sampled tokens each bin averages (few tokens: a noisy point)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, an) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=(2, 1))
-    for row, k in kl.items():
-        pts = [((i + 0.5) * width, v, n) for i, (v, n) in enumerate(zip(k["kl_by_pos"], k["tokens_by_pos"])) if n]
-        if pts:
-            x, v, n = zip(*pts)
-            line = ax.plot(x, v, "o-", ms=3, label=row)[0]
-            an.plot(x, n, "-", color=line.get_color())
-    ax.axhline(0, color="gray", lw=0.5)
-    ax.set(ylabel="sampled-token reverse KL", title=f"KL to {os.path.basename(os.path.normpath(teacher))} by position")
-    ax.legend(fontsize=7)
-    an.set(xlabel="position in response (tokens)", ylabel="tokens per bin", yscale="log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -501,8 +487,9 @@ def parse_args(argv):
     p.add_argument("--sampler", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--engines", type=int, default=1, help="data-parallel sampling engines, one process and one GPU "
-                   "each (e.g. 8 on an 8-GPU node for models that fit one GPU)")
+    p.add_argument("--engines", type=int, default=1, help="data-parallel sampling engines, a process each, on a GPU "
+                   "each where there are GPUs (e.g. 8 on an 8-GPU node for models that fit one GPU)")
+    p.set_defaults(quiet=False)  # engines after the first sample without progress bars
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (--sampler hf)")
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="vLLM KV cache on CPU (else it takes ~18 GB)")
     p.add_argument("--grade-workers", type=int, default=2, help="processes for math-verify grading")
@@ -536,20 +523,28 @@ def parse_args(argv):
     if args.teacher_prefix and (args.dev or args.kl_teacher):
         raise BadInput(f"--{'dev' if args.dev else 'kl-teacher'} goes with the benchmark table, not the "
                        "--teacher-prefix probe: run them separately")
+    if args.dev and len(args.benchmarks) == 1:
+        raise BadInput(f"--dev {args.dev} picks the checkpoints to score on the other benchmarks: name some")
     for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers", "engines", "kl_bin"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.engines > 1 and 0 < len(gpu_ids()) < args.engines:
+        raise BadInput(f"--engines {args.engines}: only {len(gpu_ids())} GPUs are visible (one engine per GPU)")
     if not args.cpu_kv_cache_gb > 0:
         raise BadInput(f"--cpu-kv-cache-gb must be > 0 (got {args.cpu_kv_cache_gb})")
     if min(args.prefix_lengths) < 0 or args.prefix_margin < 0:
         raise BadInput("--prefix-lengths and --prefix-margin must be >= 0")
     args.max_new_tokens = args.max_new_tokens or (32768 if args.teacher_prefix else 16384)
     default = ["student"] if args.teacher_prefix else ["student", "teacher"]
-    args.model = [resolve_model(m) for m in args.model or default]
+    typed = args.model or default
+    args.model = [resolve_model(m) for m in typed]
     if len({os.path.realpath(m) for m in args.model}) < len(args.model):
         raise BadInput(f"--model names a checkpoint twice ({' '.join(args.model)}): its samples would merge into one row")
-    args.teacher_prefix = args.teacher_prefix and resolve_model(args.teacher_prefix)
-    args.kl_teacher = args.kl_teacher and resolve_model(args.kl_teacher)
+    args.labels = dict(zip(args.model, typed))  # rows are named after what was typed (a hub id, not its cache path)
+    for flag in ("teacher_prefix", "kl_teacher"):
+        if getattr(args, flag):
+            args.labels.setdefault(resolve_model(getattr(args, flag)), getattr(args, flag))
+            setattr(args, flag, resolve_model(getattr(args, flag)))
     args.out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
     check_out(args.out)
     return args
@@ -596,20 +591,24 @@ def dev_picks(summary, trained, dev):
     return {run: r for run, (_, r) in best.items()}
 
 
-def row_names(paths):
-    """{path: table row}: the paths' last components, as few as keep the rows apart (runA/step_000010)."""
-    parts = [os.path.normpath(p).split(os.sep) for p in paths]
-    for k in range(1, max(map(len, parts)) + 1):
-        names = ["/".join(q[-k:]) for q in parts]
-        if len(set(names)) == len(names):
+def row_names(labels):
+    """{model path: table row} for labels {model path: what was typed for it}: the typed names' last components (a hub
+    id's name, a checkpoint's runA/step_000010), as few as keep different models apart."""
+    real = {m: os.path.realpath(m) for m in labels}
+    parts = {}
+    for m, label in labels.items():  # one name per model, however it was spelled
+        parts.setdefault(real[m], os.path.normpath(label).split(os.sep))
+    for k in range(1, max(map(len, parts.values())) + 1):
+        names = {r: "/".join(p[-k:]) for r, p in parts.items()}
+        if len(set(names.values())) == len(names):
             break
-    return dict(zip(paths, names))
+    return {m: names[real[m]] for m in labels}
 
 
 def main(argv=None):
     args = parse_args(argv)
     data = {b: load_benchmark(b, args.data.get(b))[:args.limit] for b in args.benchmarks}  # every input checked first
-    names = row_names(list(dict.fromkeys(m for m in args.model + [args.teacher_prefix, args.kl_teacher] if m)))
+    names = row_names(args.labels)
     ks = {b: args.samples or BENCHMARKS[b][2] for b in args.benchmarks}
     items = [dict(benchmark=b, q=q, k=ks[b], head=[]) for b in args.benchmarks for q in data[b]]
     title = lambda x: BENCHMARKS[x["benchmark"]][0]
@@ -619,14 +618,14 @@ def main(argv=None):
         if path:  # before any sampling
             check_vocab(args.model, path, flag)
 
-    def run(m, its):  # sample, grade, and (--kl-teacher) score the samples under their own model
+    def run(m, its, kl=True):  # sample, grade, and (--kl-teacher) score the samples under their own model
         recs, ids = complete(m, its, args)
-        if args.kl_teacher:
-            tok = model_info(m)[0]
-            seqs = [(prompt_ids(tok, it["q"]["question"]), s) for it, row in zip(its, ids) for s in row if s]
-            mine = scored.setdefault(names[m], ([], []))  # with --dev a row samples twice
-            mine[0].extend(seqs)
-            mine[1].extend(score(m, seqs))
+        if args.kl_teacher and kl:
+            import torch
+            tok = model_info(m)[0]  # responses as int32 tensors: a paper-scale run holds millions of tokens
+            seqs = [(p, torch.tensor(s, dtype=torch.int32)) for it, row in zip(its, ids)
+                    for p in [prompt_ids(tok, it["q"]["question"])] for s in row if s]
+            scored[names[m]] = (seqs, score(m, seqs) if seqs else [])
         return [dict(x, row=names[m], col=title(x)) for x in recs]
 
     if args.teacher_prefix:
@@ -644,8 +643,8 @@ def main(argv=None):
         picks = dev_picks(summarize(samples), trained, BENCHMARKS[args.dev][0])
         rest = [it for it in items if it["benchmark"] != args.dev]
         for m in args.model:
-            if rest and names[m] in picks.values():
-                samples += run(m, rest)
+            if names[m] in picks.values():  # KL over the dev set alone: the one every row has
+                samples += run(m, rest, kl=False)
     kl = kl_by_position([(r, *v) for r, v in scored.items()], args.kl_teacher, args.kl_bin) if scored else {}
     summary = summarize(samples)
     if args.teacher_prefix:
@@ -655,11 +654,12 @@ def main(argv=None):
     else:
         table = markdown_table(summary, [BENCHMARKS[b][0] for b in args.benchmarks], "checkpoint", {
             "training FLOP": {r: f"{t['flops']:.2e}" for r, t in trained.items()},
-            f"KL to {names.get(args.kl_teacher)}": {r: f"{k['kl']:.4f}" for r, k in kl.items()}})
-        if any(r in trained for r in picks.values()):
-            table += (f"\n{BENCHMARKS[args.dev][0]} as dev set (Appendix E), best of each run: " +
-                      "; ".join(f"{run}: {r}" for run, r in picks.items() if r in trained) +
-                      ". Only these and the models outside a run were scored on the other benchmarks.\n")
+            f"KL to {names.get(args.kl_teacher)}" + (f" ({BENCHMARKS[args.dev][0]})" if args.dev else ""):
+                {r: f"{k['kl']:.4f}" for r, k in kl.items() if k["kl"] is not None}})
+        if picks:
+            best = "; ".join(f"{run}: {r}" for run, r in picks.items() if r in trained) or "no opd.py run among --model"
+            table += (f"\n{BENCHMARKS[args.dev][0]} as dev set (Appendix E), best checkpoint of each run: {best}. Only "
+                      "these and the models outside a run were scored on the other benchmarks.\n")
     table += (f"\nmean acc@k in % (k: {', '.join(f'{b} {k}' for b, k in ks.items())}); ± = 95% normal-approximation "
               f"interval over questions; temperature 1.0, top-p 1.0, at most {args.max_new_tokens} new tokens\n")
     out = args.out
@@ -682,6 +682,7 @@ def main(argv=None):
     print("\n" + table + "\nwrote " + ", ".join(f"{out}/{w}" for w in wrote))
 
 
+# ----------------------------------------------------------------------------- plots
 def plot_probe(summary, teacher, lengths, path):
     """Fig. 3: mean acc@k against the teacher-prefix length L, one line per student · benchmark."""
     import matplotlib
@@ -699,6 +700,28 @@ def plot_probe(summary, teacher, lengths, path):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_kl(kl, width, teacher, path):
+    """Fig. 5: the sampled-token reverse KL to the teacher by position in the response, a line per row; below it
+    how many sampled tokens each bin averages (few tokens: a noisy point)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, an) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=(2, 1))
+    for row, k in kl.items():
+        pts = [((i + 0.5) * width, v, n) for i, (v, n) in enumerate(zip(k["kl_by_pos"], k["tokens_by_pos"])) if n]
+        if pts:
+            x, v, n = zip(*pts)
+            line = ax.plot(x, v, "o-", ms=3, label=row)[0]
+            an.plot(x, n, "-", color=line.get_color())
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set(ylabel="sampled-token reverse KL", title=f"KL to {os.path.basename(os.path.normpath(teacher))} by position")
+    ax.legend(fontsize=7)
+    an.set(xlabel="position in response (tokens)", ylabel="tokens per bin", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_compute(summary, trained, cols, path):

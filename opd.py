@@ -855,7 +855,8 @@ def heldout_accuracy(sampler, tok, rows, cfg, k, device) -> float:
     if mine:
         prompts = [tok(chat_prompt(tok, r["question"]), add_special_tokens=False).input_ids for r in mine]
         outs = sampler.generate(prompts, 1, cfg.max_new_tokens, sampling_seed(cfg, 10**7 + k, first))
-        graded = evaluation.grade(kind, [tok.decode(o[0]) for o in outs], [str(r["answer"]) for r in mine],
+        graded = evaluation.grade(kind, [tok.decode(o[0], skip_special_tokens=True) for o in outs],
+                                  [str(r["answer"]) for r in mine],
                                   finished=[not o[2] for o in outs])
         correct = sum(ok for _, ok in graded)
     c, n = all_reduce([correct, len(mine)], device)

@@ -71,11 +71,15 @@ fi
 if want eval; then
     # the checkpoint of step 4 when the opd step ran: its training FLOPs, compute.png; --kl-teacher scores every
     # sample on the GPU with the fused kernels
-    MODELS="student$(ls -d /tmp/opd_gpu/step_000004 2>/dev/null | sed 's/^/ /')"
+    MODELS="student teacher$(ls -d /tmp/opd_gpu/step_000004 2>/dev/null | sed 's/^/ /')"
     log "5/5 eval.py on the GPU: $MODELS, HF sampler, 32 held-out questions x 4 samples, KL to the teacher"
     timeout 90 $PY eval.py --model $MODELS --sampler hf --limit 32 --kl-teacher teacher --kl-bin 8 \
         --out "$OUT/eval_gpu" 2>&1 | grep -v Warning | tee "$OUT/eval_gpu.log"
     eval_rc=$?
+    # the teacher against itself: bf16 scoring in other batch shapes may differ in the last bits, not by more
+    [ $eval_rc -eq 0 ] && { $PY -c "import json, sys; k = json.load(open('$OUT/eval_gpu/eval.json'))['kl']
+print('[gpu_check] KL to the teacher:', {r: v['kl'] for r, v in k.items()}); sys.exit(abs(k['teacher']['kl']) > 0.02)" \
+        2>&1 | tee -a "$OUT/gpu_check.log"; eval_rc=$?; }
 fi
 
 log "exit codes: tests $tests_rc, bench $bench_rc, bench_step $step_rc, opd $opd_rc, eval $eval_rc"

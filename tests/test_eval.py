@@ -307,6 +307,7 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--model", "student", "student"], "names a checkpoint twice"),
     (["--out", "FILE/sub"], "is not a writable directory"),                # checked before any sampling
     (["--dev", "aime24"], "--dev aime24 is not among the benchmarks (embedded): add it"),
+    (["--dev", "embedded"], "--dev embedded picks the checkpoints to score on the other benchmarks: name some"),
     (["--dev", "embedded", "--teacher-prefix", "teacher"], "--dev goes with the benchmark table, not the"),
 ])
 def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
@@ -380,6 +381,7 @@ def test_checkpoints_of_runs_get_training_flops_the_compute_plot_and_dev_picks(t
         (d / "trainer" / "state.json").write_text(json.dumps(dict(step=int(rel[-2:]), flops_total=fl, skipped=0)))
     out = tmp_path / "ev"
     r = run_cli("--model", *ckpts, "student", "--benchmarks", "embedded,math500", "--dev", "embedded",
+                "--kl-teacher", "teacher", "--kl-bin", "16",
                 "--data", f"math500={FIX / 'math500.jsonl'}", "--limit", "4", "--samples", "2",
                 "--max-new-tokens", "64", "--sampler", "hf", "--dtype", "float32", "--out", str(out), tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -390,16 +392,21 @@ def test_checkpoints_of_runs_get_training_flops_the_compute_plot_and_dev_picks(t
                                "runB/step_000005": dict(run="runB", step=5, flops=2e10)}
     acc = {row: by["embedded"][0] for row, by in res["summary"].items()}
     assert acc["runA/step_000010"] > acc["runA/step_000005"]  # the teacher beats the student on the dev set
-    assert res["dev_picks"] == {"runA": "runA/step_000010", "runB": "runB/step_000005",
-                                "embedded/student": "embedded/student"}
+    assert res["dev_picks"] == {"runA": "runA/step_000010", "runB": "runB/step_000005", "student": "student"}
     scored = {x["row"] for x in res["samples"] if x["benchmark"] == "math500"}
-    assert scored == {"runA/step_000010", "runB/step_000005", "embedded/student"}
+    assert scored == {"runA/step_000010", "runB/step_000005", "student"}
+    # the KL is over the dev set's samples, the set every row has (picked rows sampled math500 too)
+    for row, k in res["kl"].items():
+        assert sum(k["tokens_by_pos"]) == sum(x["tokens"] for x in res["samples"]
+                                              if x["row"] == row and x["benchmark"] == "embedded")
+    assert res["kl"]["runA/step_000010"]["kl"] == pytest.approx(0, abs=1e-6)  # the teacher's copy
     table = (out / "table.md").read_text()
-    assert table.startswith("| checkpoint | embedded | MATH500 | training FLOP |\n|---|---|---|---|\n")
-    assert re.search(r"\n\| runA/step_000005 \| [\d.]+ ± [\d.]+ \| – \| 1.00e\+10 \|\n", table)
-    assert re.search(r"\n\| runA/step_000010 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| 3.00e\+10 \|\n", table)
-    assert re.search(r"\n\| embedded/student \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| – \|\n", table)
-    assert "best of each run: runA: runA/step_000010; runB: runB/step_000005." in table
+    assert table.startswith("| checkpoint | embedded | MATH500 | training FLOP | KL to teacher (embedded) |\n")
+    assert re.search(r"\n\| runA/step_000005 \| [\d.]+ ± [\d.]+ \| – \| 1.00e\+10 \| [\d.]+ \|\n", table)
+    assert re.search(r"\n\| runA/step_000010 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| 3.00e\+10 \| ", table)
+    # rows are named as typed ("student", not its directory), as few path parts as tell them apart
+    assert re.search(r"\n\| student \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| – \| [\d.]+ \|\n", table)
+    assert "best checkpoint of each run: runA: runA/step_000010; runB: runB/step_000005." in table
     assert (out / "compute.png").read_bytes()[:4] == b"\x89PNG"
     assert "compute.png" in r.stdout
 
@@ -457,3 +464,19 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_sampling(tmp_path, f
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "use different tokenizers" in lines[-1] and flag in lines[-1], r.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_row_names_follow_what_was_typed(tmp_path):
+    (tmp_path / "runs" / "a" / "step_000010").mkdir(parents=True)
+    ck = str(tmp_path / "runs" / "a" / "step_000010")
+    hub = str(tmp_path / "hub" / "models--Qwen--Qwen3-8B" / "snapshots" / "0123abcd")
+    labels = {hub: "Qwen/Qwen3-8B", ck: ck, ck + "/": ck + "/", "/x/runs/b/step_000010": "/x/runs/b/step_000010"}
+    assert ev.row_names(labels) == {hub: "Qwen/Qwen3-8B", ck: "a/step_000010", ck + "/": "a/step_000010",
+                                    "/x/runs/b/step_000010": "b/step_000010"}  # one name per model, however spelled
+    assert ev.row_names({hub: "Qwen/Qwen3-8B", ck: ck}) == {hub: "Qwen3-8B", ck: "step_000010"}
+
+
+def test_kl_of_a_model_whose_samples_are_all_empty_is_none_not_zero():
+    # no sequence anywhere: nothing to score, the teacher is never loaded (its path does not exist)
+    assert ev.kl_by_position([("m", [], [])], "/no/such/teacher", 8) == {
+        "m": dict(kl=None, tokens_by_pos=[], kl_by_pos=[])}
