@@ -259,19 +259,33 @@ def sample(path, prompts, ns, max_tokens, args):
 
 
 def sample_parallel(path, prompts, ns, max_tokens, args):
-    """sample() over --engines data-parallel engines: processes of their own, each on one GPU (of those visible)
-    when there are GPUs, each taking every engines-th prompt with its own seed; results in the prompts' order."""
-    import multiprocessing as mp
+    """sample() over --engines data-parallel engines, each taking every engines-th prompt with its own seed."""
     e = min(args.engines, len(prompts))
-    gpus = gpu_ids()[:e] or [None] * e  # parse_args checked there are enough
-    jobs = [(path, prompts[i::e], ns[i::e], max_tokens[i::e], argparse.Namespace(**dict(
-        vars(args), engines=1, seed=args.seed + 1_000_003 * i, quiet=i > 0)), gpus[i]) for i in range(e)]
-    # one shard per process: a process that took a second shard would stay on its first GPU
-    with ProcessPoolExecutor(max_workers=e, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        shards = list(pool.map(_sample_shard, jobs))
-    out = [None] * len(prompts)
+    return interleave(on_engines(sample, [(path, prompts[i::e], ns[i::e], max_tokens[i::e], argparse.Namespace(
+        **dict(vars(args), engines=1, seed=args.seed + 1_000_003 * i, quiet=i > 0))) for i in range(e)]), len(prompts))
+
+
+def on_engines(fn, shards):
+    """[fn(*shard) for shard in shards], side by side: a process each, on a GPU each (of those visible) where there
+    are GPUs. One shard per process: a process that took a second one would stay on its first GPU."""
+    import multiprocessing as mp
+    gpus = gpu_ids()[:len(shards)] or [None] * len(shards)  # parse_args checked there are enough
+    with ProcessPoolExecutor(max_workers=len(shards), mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        return list(pool.map(_on_gpu, [(fn, gpu, shard) for gpu, shard in zip(gpus, shards)]))
+
+
+def _on_gpu(job):
+    fn, gpu, shard = job
+    if gpu is not None:  # before anything touches CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return fn(*shard)
+
+
+def interleave(shards, n):
+    """The n results of shards that took items i, i + e, i + 2e, ... (shard i of e), back in the items' order."""
+    out = [None] * n
     for i, shard in enumerate(shards):
-        out[i::e] = shard
+        out[i::len(shards)] = shard
     return out
 
 
@@ -283,13 +297,6 @@ def gpu_ids():
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-
-
-def _sample_shard(job):
-    path, prompts, ns, max_tokens, args, gpu = job
-    if gpu is not None:  # before anything touches CUDA in this process
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    return sample(path, prompts, ns, max_tokens, args)
 
 
 def cut_eos(ids, eos):
@@ -424,9 +431,14 @@ def training_record(path):
 SCORE_TOKENS = 32768  # padded tokens per scoring forward (opd.py's default micro-batch)
 
 
-def score(path, seqs):
-    """log p of every response token of seqs [(prompt ids, response ids tensor)] under model `path`, teacher-forced by the
-    training loop's own code (opd.forward, kernels.token_logprobs): an fp32 CPU tensor per sequence."""
+def score(path, seqs, engines=1):
+    """log p of every response token of seqs [(prompt ids, response ids as an array)] under model `path`,
+    teacher-forced by the training loop's own code (opd.forward, kernels.token_logprobs): an fp32 numpy array per
+    sequence (numpy, not torch: torch shares tensors between processes through handles that die with the engine's
+    process). engines > 1: every engines-th sequence in a process (and on a GPU) of its own."""
+    if engines > 1 and len(seqs) > 1:
+        e = min(engines, len(seqs))
+        return interleave(on_engines(score, [(path, seqs[i::e]) for i in range(e)]), len(seqs))
     import gc
     import torch
     import kernels
@@ -442,7 +454,7 @@ def score(path, seqs):
             batch = [(seqs[i][0], seqs[i][1].tolist()) for i in g]
             lp = forward(model, batch, pad, device, kernels.token_logprobs, 1.0)[0].float().cpu()
             for i, part in zip(g, lp.split([len(seqs[i][1]) for i in g])):
-                out[i] = part
+                out[i] = part.numpy()
     del model
     gc.collect()
     if device.type == "cuda":
@@ -450,16 +462,16 @@ def score(path, seqs):
     return out
 
 
-def kl_by_position(runs, teacher, width):
+def kl_by_position(runs, teacher, width, engines=1):
     """{row: {kl: mean, kl_by_pos: [...], tokens_by_pos: [...]}}: the sampled-token reverse KL
     log p_model(x_t) - log p_teacher(x_t) over each row's samples (runs: [(row, seqs, model logps)]), overall and
     by `width`-token position bins (paper Fig. 2 / 5); the teacher is loaded once for every row."""
     import torch
     every = [s for _, seqs, _ in runs for s in seqs]
-    lt = iter(score(teacher, every) if every else [])
+    lt = iter(score(teacher, every, engines) if every else [])
     out = {}
     for row, seqs, ls in runs:
-        kl = [a - next(lt) for a in ls]
+        kl = [torch.from_numpy(a - next(lt)) for a in ls]
         n = max((len(k) for k in kl), default=0)
         sums, counts = (torch.zeros(-(-n // width), dtype=torch.float64) for _ in range(2))
         for k in kl:
@@ -487,8 +499,9 @@ def parse_args(argv):
     p.add_argument("--sampler", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--engines", type=int, default=1, help="data-parallel sampling engines, a process each, on a GPU "
-                   "each where there are GPUs (e.g. 8 on an 8-GPU node for models that fit one GPU)")
+    p.add_argument("--engines", type=int, default=1, help="data-parallel engines for sampling (and --kl-teacher's "
+                   "scoring): a process each, on a GPU each where there are GPUs (e.g. 8 on an 8-GPU node for models "
+                   "that fit one GPU)")
     p.set_defaults(quiet=False)  # engines after the first sample without progress bars
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (--sampler hf)")
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="vLLM KV cache on CPU (else it takes ~18 GB)")
@@ -621,11 +634,11 @@ def main(argv=None):
     def run(m, its, kl=True):  # sample, grade, and (--kl-teacher) score the samples under their own model
         recs, ids = complete(m, its, args)
         if args.kl_teacher and kl:
-            import torch
-            tok = model_info(m)[0]  # responses as int32 tensors: a paper-scale run holds millions of tokens
-            seqs = [(p, torch.tensor(s, dtype=torch.int32)) for it, row in zip(its, ids)
+            import numpy as np
+            tok = model_info(m)[0]  # responses as int32 arrays: a paper-scale run holds millions of tokens
+            seqs = [(p, np.array(s, dtype=np.int32)) for it, row in zip(its, ids)
                     for p in [prompt_ids(tok, it["q"]["question"])] for s in row if s]
-            scored[names[m]] = (seqs, score(m, seqs) if seqs else [])
+            scored[names[m]] = (seqs, score(m, seqs, args.engines) if seqs else [])
         return [dict(x, row=names[m], col=title(x)) for x in recs]
 
     if args.teacher_prefix:
@@ -645,7 +658,8 @@ def main(argv=None):
         for m in args.model:
             if names[m] in picks.values():  # KL over the dev set alone: the one every row has
                 samples += run(m, rest, kl=False)
-    kl = kl_by_position([(r, *v) for r, v in scored.items()], args.kl_teacher, args.kl_bin) if scored else {}
+    kl = kl_by_position([(r, *v) for r, v in scored.items()], args.kl_teacher, args.kl_bin, args.engines) \
+        if scored else {}
     summary = summarize(samples)
     if args.teacher_prefix:
         table = markdown_table(summary, [f"L={L}" for L in args.prefix_lengths], "student · benchmark")

@@ -412,15 +412,15 @@ def test_checkpoints_of_runs_get_training_flops_the_compute_plot_and_dev_picks(t
 
 
 def test_kl_to_the_teacher_by_position_by_hand(tmp_path):
-    """--kl-teacher: every sample scored under its own model and the teacher; the KL by position bin is
-    log p_model - log p_teacher of the sampled tokens, recomputed here from each sample's text with plain
-    transformers logits. The teacher against itself is exactly 0."""
+    """--kl-teacher: every sample scored under its own model and the teacher (sampling and scoring each in 2
+    processes, --engines 2); the KL by position bin is log p_model - log p_teacher of the sampled tokens, recomputed
+    here from each sample's text with plain transformers logits. The teacher against itself is exactly 0."""
     import torch
     from transformers import AutoModelForCausalLM
     import embedded
     out = tmp_path / "kl"
     r = run_cli("--model", "student", "teacher", "--kl-teacher", "teacher", "--kl-bin", "8", "--limit", "4",
-                "--samples", "2", "--max-new-tokens", "64", "--sampler", "hf", "--dtype", "float32",
+                "--samples", "2", "--max-new-tokens", "64", "--sampler", "hf", "--dtype", "float32", "--engines", "2",
                 "--out", str(out), tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "eval.json").read_text())
