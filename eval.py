@@ -691,7 +691,7 @@ def main(argv=None):
         plot_compute(summary, trained, [BENCHMARKS[b][0] for b in args.benchmarks], os.path.join(out, "compute.png"))
         wrote.append("compute.png")
     if kl:
-        plot_kl(kl, args.kl_bin, args.kl_teacher, os.path.join(out, "kl_by_position.png"))
+        plot_kl(kl, args.kl_bin, names[args.kl_teacher], os.path.join(out, "kl_by_position.png"))
         wrote.append("kl_by_position.png")
     print("\n" + table + "\nwrote " + ", ".join(f"{out}/{w}" for w in wrote))
 
@@ -730,7 +730,7 @@ def plot_kl(kl, width, teacher, path):
             line = ax.plot(x, v, "o-", ms=3, label=row)[0]
             an.plot(x, n, "-", color=line.get_color())
     ax.axhline(0, color="gray", lw=0.5)
-    ax.set(ylabel="sampled-token reverse KL", title=f"KL to {os.path.basename(os.path.normpath(teacher))} by position")
+    ax.set(ylabel="sampled-token reverse KL", title=f"KL to {teacher} by position")
     ax.legend(fontsize=7)
     an.set(xlabel="position in response (tokens)", ylabel="tokens per bin", yscale="log")
     fig.tight_layout()
