@@ -510,7 +510,8 @@ def parse_args(argv):
                    "each run's best, and score only those (and models that are no opd.py checkpoint) on the rest")
     p.add_argument("--kl-teacher", metavar="TEACHER", help="also score every sample under TEACHER and its own model: "
                    "the sampled-token reverse KL, overall and by position (Fig. 5; TEACHER 'teacher' = the embedded one)")
-    p.add_argument("--kl-bin", type=int, default=256, help="position bin width for --kl-teacher, tokens (default 256, the paper's; ~4-8 for the embedded task)")
+    p.add_argument("--kl-bin", type=int, default=256, help="position bin width for --kl-teacher, tokens (default 256, "
+                   "the paper's; ~4-8 for the embedded task)")
     p.add_argument("--teacher-prefix", metavar="TEACHER", help="run the §2.3 probe: students continue TEACHER's "
                    "prefixes (embedded task: use e.g. --prefix-lengths 0,8,16,32 --prefix-margin 4)")
     p.add_argument("--prefix-lengths", default="0,2048,4096,6144,8192", help="comma list of L (probe)")
