@@ -351,7 +351,7 @@ def prompt_ids(tok, question):
 def complete(path, items, args):
     """Graded samples of checkpoint `path` for items {benchmark, q, k, head}: k samples per question.
     With a head (token ids: the teacher's prefix) the model continues it, and head + continuation is graded
-    as one response. Returns (records, token ids of each item's samples)."""
+    as one response. Returns (records, each item's prompt token ids (head included), token ids of its samples)."""
     tok = model_info(path)[0]
     prompts = [prompt_ids(tok, it["q"]["question"]) + it["head"] for it in items]
     budgets = [args.max_new_tokens - len(it["head"]) for it in items]  # head + continuation <= max_new_tokens
@@ -365,7 +365,7 @@ def complete(path, items, args):
         for r, (e, c) in zip(mine, grade(kind, [r["completion"] for r in mine], [r["answer"] for r in mine],
                                           args.grade_workers, [r["finished"] for r in mine])):
             r.update(extracted=e, correct=c)
-    return recs, [[ids for ids, _ in row] for row in outs]
+    return recs, prompts, [[ids for ids, _ in row] for row in outs]
 
 
 def prefix_len(L, teacher_len, margin):
@@ -383,12 +383,12 @@ def check_vocab(models, teacher, what):
 
 def prefix_probe(students, teacher, items, args):
     """§2.3: the teacher writes one full solution per question; each student continues its first L_p tokens."""
-    teacher_recs, outs = complete(teacher, [dict(it, k=1) for it in items], args)
+    teacher_recs, _, outs = complete(teacher, [dict(it, k=1) for it in items], args)
     runs = [(L, dict(it, head=row[0][:prefix_len(L, len(row[0]), args.prefix_margin)]), len(row[0]))
             for L in args.prefix_lengths for it, row in zip(items, outs)]
     recs = []
     for s in students:
-        got, _ = complete(s, [it for _, it, _ in runs], args)
+        got = complete(s, [it for _, it, _ in runs], args)[0]
         recs += [dict(r, teacher=teacher, prefix=L, prefix_len=len(it["head"]), teacher_len=lr)
                  for r, (L, it, lr) in zip(got, [run for run in runs for _ in range(run[1]["k"])])]
     return recs, teacher_recs
@@ -447,12 +447,12 @@ def score(path, seqs, engines=1):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = LogProbs(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval())
-    pad = model_info(path)[1][0]  # any id: right padding is never attended to
     out = [None] * len(seqs)
     with torch.no_grad():
         for g in micro_batches([len(p) + len(r) for p, r in seqs], SCORE_TOKENS):
             batch = [(seqs[i][0], seqs[i][1].tolist()) for i in g]
-            lp = forward(model, batch, pad, device, kernels.token_logprobs, 1.0)[0].float().cpu()
+            # pad id 0: right padding is never attended to, nor scored
+            lp = forward(model, batch, 0, device, kernels.token_logprobs, 1.0)[0].float().cpu()
             for i, part in zip(g, lp.split([len(seqs[i][1]) for i in g])):
                 out[i] = part.numpy()
     del model
@@ -542,8 +542,9 @@ def parse_args(argv):
     for flag in ("samples", "max_new_tokens", "limit", "batch_size", "grade_workers", "engines", "kl_bin"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.engines > 1 and 0 < len(gpu_ids()) < args.engines:
-        raise BadInput(f"--engines {args.engines}: only {len(gpu_ids())} GPUs are visible (one engine per GPU)")
+    gpus = len(gpu_ids()) if args.engines > 1 else 0
+    if 0 < gpus < args.engines:
+        raise BadInput(f"--engines {args.engines}: only {gpus} GPUs are visible (one engine per GPU)")
     if not args.cpu_kv_cache_gb > 0:
         raise BadInput(f"--cpu-kv-cache-gb must be > 0 (got {args.cpu_kv_cache_gb})")
     if min(args.prefix_lengths) < 0 or args.prefix_margin < 0:
@@ -557,8 +558,9 @@ def parse_args(argv):
     args.labels = dict(zip(args.model, typed))  # rows are named after what was typed (a hub id, not its cache path)
     for flag in ("teacher_prefix", "kl_teacher"):
         if getattr(args, flag):
-            args.labels.setdefault(resolve_model(getattr(args, flag)), getattr(args, flag))
-            setattr(args, flag, resolve_model(getattr(args, flag)))
+            path = resolve_model(getattr(args, flag))
+            args.labels.setdefault(path, getattr(args, flag))
+            setattr(args, flag, path)
     args.out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
     check_out(args.out)
     return args
@@ -633,12 +635,10 @@ def main(argv=None):
             check_vocab(args.model, path, flag)
 
     def run(m, its, kl=True):  # sample, grade, and (--kl-teacher) score the samples under their own model
-        recs, ids = complete(m, its, args)
+        recs, prompts, ids = complete(m, its, args)
         if args.kl_teacher and kl:
-            import numpy as np
-            tok = model_info(m)[0]  # responses as int32 arrays: a paper-scale run holds millions of tokens
-            seqs = [(p, np.array(s, dtype=np.int32)) for it, row in zip(its, ids)
-                    for p in [prompt_ids(tok, it["q"]["question"])] for s in row if s]
+            import numpy as np  # responses as int32 arrays: a paper-scale run holds millions of tokens
+            seqs = [(p, np.array(s, dtype=np.int32)) for p, row in zip(prompts, ids) for s in row if s]
             scored[names[m]] = (seqs, score(m, seqs, args.engines) if seqs else [])
         return [dict(x, row=names[m], col=title(x)) for x in recs]
 

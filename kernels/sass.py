@@ -215,7 +215,7 @@ def gemm_report(arch, M=2752):
             sass, regs, local = compile_sass(fused._gemm_epi_kernel.fn.fn, cfg, args,
                                              dict(kw, F32_DOT=False, EVEN_N=V % k["BN"] == 0), arch)
             ins, loops = parse(sass)
-            mma = sorted({op for _, op in ins if op.startswith(("HGMMA", "UTCHMMA", "HMMA"))})
+            mma = sorted({op for _, op in ins if op.startswith((*EPI_MMA.values(), "HMMA"))})
             # the mainloop: the shortest loop around an MMA (TMA kernels also branch back from out-of-line barrier
             # waits placed after the last EXIT); the epilogue: from its end to the last EXIT
             main, last = innermost(ins, loops, lambda op: op in mma), max(a for a, op in ins if op == "EXIT")
