@@ -34,9 +34,9 @@ import torch.distributed as dist
 
 import flops
 
-# The rollouts' sampling temperature. Both samplers report log-probs of the raw (T = 1) logits and the kernels score
-# at this temperature, so the ratios and the KL are of the T = 1 distributions; another T would need vLLM's
-# logprobs_mode="processed_logprobs" and the HF sampler's log-probs taken after its logits processors.
+# The rollouts' sampling temperature; the kernels score at it too, so the ratios and the KL are of the T = 1
+# distributions. The HF sampler's log-probs follow any T (its processor divides by it), but vLLM reports those of the
+# raw logits: another T would also need vLLM's logprobs_mode="processed_logprobs".
 TEMPERATURE = 1.0
 
 
@@ -112,9 +112,7 @@ def parse_args(argv=None) -> Config:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
             default = "" if f.default is None else f" (default: {f.default})"
             p.add_argument(flag, type=typ, metavar=f.name.upper(), help=f.metadata["help"] + default)
-    given = vars(p.parse_args(argv))
-    if "heldout" in given and "eval_n" not in given:
-        p.error("--heldout FILE is graded only with --eval-n N (how many of its questions)")
+    given = typed = vars(p.parse_args(argv))
     untruncated = [f"--{k}" for k in ("full", "window", "tail") if given.get(k)]
     if untruncated and ("prefix_start" in given or "delta" in given):
         p.error(f"--prefix-start / --delta set the prefix schedule, which {untruncated[0]} replaces "
@@ -124,6 +122,8 @@ def parse_args(argv=None) -> Config:
         preset = dict(EMBEDDED, student=str(embedded.STUDENT_DIR), teacher=str(embedded.TEACHER_DIR),
                       data=str(embedded.TRAIN_FILE), heldout=str(embedded.HELDOUT_FILE))
         given = {**preset, **given}
+    if "heldout" in typed and not given.get("eval_n"):  # typed, and not graded (the preset's count counts)
+        p.error("--heldout FILE is graded only with --eval-n N (how many of its questions)")
     return Config(**given)
 
 
@@ -145,8 +145,10 @@ def check_config(cfg: Config):
         need(not local or os.path.isdir(name),
              f"{flag} {name}: no such model directory (a local Hugging Face model dir, or a hub id like Qwen/Qwen3-8B)")
     need(cfg.prefix_start >= 1, f"--prefix-start must be >= 1 (got {cfg.prefix_start})")
-    need(cfg.prefix_start <= cfg.max_new_tokens, f"--prefix-start {cfg.prefix_start} is past --max-new-tokens "
-         f"{cfg.max_new_tokens}: L_train would be capped from the first step; use --full for whole rollouts")
+    untruncated = cfg.full or cfg.window is not None or cfg.tail > 0  # the schedule is unused: don't check it
+    need(untruncated or cfg.prefix_start <= cfg.max_new_tokens, f"--prefix-start {cfg.prefix_start} is past "
+         f"--max-new-tokens {cfg.max_new_tokens}: L_train would be capped from the first step; use --full for "
+         "whole rollouts")
     need(cfg.delta >= 0, f"--delta must be >= 0 (got {cfg.delta}); 0 keeps the prefix fixed")
     need(cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
     for name in ("steps", "batch_size", "samples", "micro_batch_tokens", "kl_bin"):
@@ -772,10 +774,19 @@ def checkpoint_to_resume(cfg) -> Path | None:
     if cfg.steps < done:
         raise UsageError(f"--resume: {ckpt} is at step {done}, past --steps {cfg.steps}; raise --steps")
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-    for k in ("batch_size", "samples", "seed", "prefix_start", "delta", "max_new_tokens", "full", "window", "tail"):
-        if k in old and old[k] != getattr(cfg, k):  # the same run: same schedule, batches and seeds
+
+    def same(k, a, b):  # a model or data path may be spelled differently (relative, absolute, through a link)
+        return a == b or (k in ("student", "teacher", "data") and os.path.exists(a or "") and
+                          os.path.exists(b or "") and os.path.samefile(a, b))
+
+    # The same run: models, data, schedule, batches, seeds and optimizer settings (the optimizer's lr and weight
+    # decay come back from the checkpoint: a new value would be logged but not used).
+    for k in ("student", "teacher", "data", "batch_size", "samples", "seed", "prefix_start", "delta", "max_new_tokens",
+              "full", "window", "tail", "lr", "weight_decay", "grad_clip"):
+        if k in old and not same(k, old[k], getattr(cfg, k)):
             raise UsageError(f"--resume: {out / 'run.json'} has {k}={old[k]!r}, this command {getattr(cfg, k)!r}; "
-                             "a resumed run keeps its schedule, batches and seeds (or start a new --out)")
+                             "a resumed run keeps its models, data, schedule, seeds and optimizer (or start a new "
+                             "--out)")
     return ckpt
 
 
@@ -884,6 +895,23 @@ def main(argv=None):
         if impl == "triton" and not kernels.triton_usable(torch.empty(0, device=device)):
             raise UsageError(f"--impl triton cannot run on {device.type} here ({kernels.FUSED_ERROR or 'no GPU'}); "
                              "use --impl torch (or set TRITON_INTERPRET=1 for a slow CPU check)")
+        prompt_ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
+        longest = max(len(p) for p in prompt_ids + [tok(chat_prompt(tok, r["question"]), add_special_tokens=False)
+                                                     .input_ids for r in heldout])
+        max_len = longest + cfg.max_new_tokens + 1
+        from transformers import AutoConfig
+        for flag, name in (("--student", cfg.student), ("--teacher", cfg.teacher)):
+            limit = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None) or math.inf
+            room = limit - longest - 1
+            need(max_len <= limit, f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} "
+                 f"is past {flag}'s {limit} positions: " + (f"lower --max-new-tokens to {room} or less" if room >= 1
+                                                            else "shorten the longest prompts"))
+        out = Path(cfg.out)
+        try:  # now, not after minutes of loading (every rank: each must exit here if it fails)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
+        need(os.access(out, os.W_OK), f"--out {out} is not writable; choose another --out")
     except (UsageError, ValueError, OSError) as e:
         log0(f"opd.py: error: {e}")
         dist.destroy_process_group()
@@ -892,10 +920,6 @@ def main(argv=None):
     kern = kernels.get_impl(impl)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = stop_ids(tok)
-    prompt_ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
-    longest = max(len(p) for p in prompt_ids + [tok(chat_prompt(tok, r["question"]), add_special_tokens=False).input_ids
-                                                 for r in heldout])
-    max_len = longest + cfg.max_new_tokens + 1
 
     student = load_model(cfg.student, device, train=True)
     teacher = load_model(cfg.teacher, device, train=False)
@@ -909,9 +933,7 @@ def main(argv=None):
         state = load_checkpoint(ckpt, student, optimizer)
         start, skipped, flops_total = state["step"], state["skipped"], state["flops_total"]
         log0(f"resumed from {ckpt}: step {start}, L_train {schedule(cfg, start)}")
-    out = Path(cfg.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), world_size=world), indent=1))
         if start and (out / "metrics.jsonl").exists():  # steps after the checkpoint are redone: drop their records
             kept = [line for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True)

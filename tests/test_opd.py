@@ -167,6 +167,8 @@ def bad_inputs(tmp_path):
           str(embedded.TRAIN_FILE)], "no such model directory"),  # not transformers' "Repo id must use ..."
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(qwen), "--data", str(embedded.TRAIN_FILE)],
          "different vocabularies"),
+        (["--max-new-tokens", "1000"], "past --student's 512 positions: lower --max-new-tokens to"),  # else vLLM's
+        # traceback after the models load
     ]
 
 
@@ -196,6 +198,10 @@ def test_embedded_preset_and_flags_over_it():
     assert cfg.eval_teacher and cfg.prefix_start == 7 and cfg.student == str(embedded.STUDENT_DIR)
     cfg = opd.parse_args(["--no-eval-teacher", "--steps", "3"])
     assert not cfg.eval_teacher and cfg.steps == 3 and cfg.eval_n == 200  # the rest of the preset stays
+    # the preset's own values do not trip checks meant for what a user typed
+    assert opd.parse_args(["--heldout", str(embedded.HELDOUT_FILE)]).eval_n == 200  # the preset grades 200
+    for flag in (["--full"], ["--tail", "3"], ["--window", "0:4"]):  # the preset's --prefix-start 7 is unused there
+        opd.check_config(opd.parse_args(flag + ["--max-new-tokens", "5"]))
 
 
 def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
@@ -206,20 +212,33 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
         errors = [line for line in lines if line.startswith("opd.py: error:")]
         assert len(errors) == 1 and msg in errors[0], (argv, lines)
         assert not out.exists(), argv
+    # an --out that cannot be made: refused before any model loads, not by rank 0's mkdir minutes later
+    (tmp_path / "a-file").write_text("")
+    code, lines = run_main(["--out", str(tmp_path / "a-file" / "run")], capsys)
+    assert code == 2 and lines == [f"opd.py: error: --out {tmp_path / 'a-file' / 'run'}: cannot create it (Not a "
+                                   "directory); choose another --out"], lines
 
 
 def test_out_dir_holds_one_run(tmp_path):
-    """--resume continues the same run or nothing: a checkpoint past --steps, a changed schedule / batch / seed,
-    a fresh run over an old one, or --out naming a file are refused in one line."""
+    """--resume continues the same run or nothing: a checkpoint past --steps, changed models / data / schedule /
+    batch / seed / optimizer settings, a fresh run over an old one, or --out naming a file are refused in one line.
+    A path spelled another way is the same path."""
     out = tmp_path / "run"
     (out / "step_000002" / "trainer").mkdir(parents=True)
     (out / "step_000002" / "trainer" / "state.json").write_text('{"step": 2}')
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(opd.Config(out=str(out), steps=5, delta=5))))
-    ok = opd.Config(out=str(out), steps=5, delta=5, resume=True)
+    models = dict(student=str(embedded.STUDENT_DIR), teacher=str(embedded.TEACHER_DIR), data=str(embedded.TRAIN_FILE))
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(opd.Config(out=str(out), steps=5, delta=5, **models))))
+    ok = opd.Config(out=str(out), steps=5, delta=5, resume=True, **models)
     assert opd.checkpoint_to_resume(ok) == out / "step_000002"
+    relative = os.path.relpath(embedded.TRAIN_FILE)  # tests run from the repo root: embedded/data/train.jsonl
+    assert relative != str(embedded.TRAIN_FILE)
+    assert opd.checkpoint_to_resume(dataclasses.replace(ok, data=relative)) == out / "step_000002"
     for cfg, msg in ((dataclasses.replace(ok, steps=1), "at step 2, past --steps 1"),
                      (dataclasses.replace(ok, delta=6), "has delta=5, this command 6"),
                      (dataclasses.replace(ok, seed=1), "has seed=0"),
+                     (dataclasses.replace(ok, lr=1e-6), "has lr=5e-05, this command 1e-06"),  # AdamW keeps the old
+                     (dataclasses.replace(ok, teacher=str(embedded.STUDENT_DIR)), "has teacher="),
+                     (dataclasses.replace(ok, data=str(embedded.HELDOUT_FILE)), "has data="),
                      (dataclasses.replace(ok, resume=False), "already holds a run"),
                      (opd.Config(out=str(out / "run.json")), "is a file")):
         with pytest.raises(opd.UsageError, match=re.escape(msg)):
@@ -474,8 +493,8 @@ def test_non_finite_loss_skips_the_update(tmp_path):
     out = tmp_path / "run"
     run = subprocess.run([sys.executable, str(ROOT / "opd.py"), "--student", str(embedded.STUDENT_DIR), "--teacher",
                           str(teacher), "--data", str(embedded.TRAIN_FILE), "--steps", "2", "--batch-size", "2",
-                          "--samples", "2", "--prefix-start", "4", "--sampler", "hf", "--impl", "torch",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          "--samples", "2", "--prefix-start", "4", "--max-new-tokens", "64", "--sampler", "hf",
+                          "--impl", "torch", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("update skipped") == 2, run.stdout
@@ -680,7 +699,8 @@ def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, capsys, rank, w
     out = tmp_path / "run"
     argv = ["--student", str(embedded.STUDENT_DIR), "--teacher", str(embedded.TEACHER_DIR), "--data",
             str(embedded.TRAIN_FILE), "--steps", "1", "--batch-size", str(B), "--samples", str(S),
-            "--prefix-start", str(L), "--sampler", "hf", "--impl", "torch", "--seed", "3", "--out", str(out)]
+            "--prefix-start", str(L), "--max-new-tokens", "64", "--sampler", "hf", "--impl", "torch", "--seed", "3",
+            "--out", str(out)]
     main_in_process(argv)
     cfg = opd.parse_args(argv)
     per_rank = B // world
