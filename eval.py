@@ -30,9 +30,10 @@ Writes OUT/eval.json (every sample), OUT/table.md (rows = checkpoints, columns =
 for the probe, OUT/prefix_probe.png. Checkpoints that opd.py wrote (step_N/ with trainer/state.json) also get their
 training FLOPs (Appendix B accounting) in the table and OUT/compute.png: accuracy against training compute, one line
 per run, as the paper's Fig. 4; models without that record (base models, the teacher) are dashed levels.
---kl-teacher scores every sample under its own model and the teacher (teacher-forced, with opd.py's forward and
-kernels): the sampled-token reverse KL log p_model - log p_teacher, as a table column and by position in
-OUT/kl_by_position.png (Fig. 2 / 5, over whole responses: past a prefix run's trained L_train too).
+--kl-teacher scores every sample (with --dev: the dev benchmark's, which every row has) under its own model and the
+teacher (teacher-forced, with opd.py's forward and kernels): the sampled-token reverse KL log p_model - log p_teacher,
+as a table column and by position in OUT/kl_by_position.png (Fig. 2 / 5, over whole responses: past a prefix run's
+trained L_train too).
 """
 import argparse
 import ast
@@ -42,6 +43,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -86,10 +88,14 @@ def load_benchmark(name, path=None):
         raise BadInput(f"{name}: {path} has no rows")
     keys = {k.lower(): k for k in rows[0]}  # AIME-24 says Problem/Answer, the others problem/answer
 
-    def need(*names):
+    def need(*names):  # the column, which every row must fill (a blank answer would be graded against "None")
         for n in names:
             if n.lower() in keys:
-                return keys[n.lower()]
+                col = keys[n.lower()]
+                for i, r in enumerate(rows, 1):
+                    if r.get(col) is None or str(r[col]).strip() == "":
+                        raise BadInput(f"{name}: {path or 'hub data'} row {i} has no {col!r}; every row needs one")
+                return col
         raise BadInput(f"{name}: {path or 'hub data'} has no column {' or '.join(map(repr, names))} "
                        f"(columns: {', '.join(rows[0])}); use the public column names")
 
@@ -135,20 +141,22 @@ def final_part(completion, finished=False):
     return completion[i + len("</think>"):] if i >= 0 else completion if finished else None
 
 
-def boxed(text):
-    """Contents of the \\boxed{...} in text (braces matched), in order; an unclosed one (cut off) ends them as None."""
+def boxed(text, where=False):
+    """Contents of the \\boxed{...} in text (braces matched), in order; an unclosed one (cut off) ends them as None.
+    where: (start offset, content) pairs."""
     out, start = [], text.find("\\boxed{")
     while start >= 0:
         depth, i = 0, start + len("\\boxed")
         for j in range(i, len(text)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                out.append(text[i + 1:j].strip())
+                out.append((start, text[i + 1:j].strip()))
                 break
         else:
-            return out + [None]
+            out.append((start, None))
+            break
         start = text.find("\\boxed{", j)
-    return out
+    return out if where else [c for _, c in out]
 
 
 def last_boxed(text):
@@ -156,22 +164,42 @@ def last_boxed(text):
     return (boxed(text) or [None])[-1]
 
 
-_ANSWER = re.compile(  # explicit answers: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV},
-    # Answer: C, the answer is (C), **Answer:** C
-    r"\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*\(?([A-Ja-j])\)?\s*(?:[.):]\s*[^{}]*)?\}?\s*\}"
-    r"|(?i:answer)(?:\s+is)?\s*:?\s*[*_]*\s*:?\s*\(?([A-J])\)?(?![A-Za-z])"
-    r"(?<!I(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]|['’]))(?<!A(?=\s+(?!is\b|because\b|since\b|as\b)[a-z]))")  # not "I think", "A closer look"
+# A box that holds an option: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV}, \boxed{(C) 3.1 eV}
+# (not \boxed{a = 5}: a bare letter must end the box or be followed by . ) : ,)
+_BOX_LETTER = re.compile(r"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
+                         r"(?:\(([A-Ja-j])\)|([A-Ja-j])(?=\s*(?:[.):,}]|$)))")
+# Said: "Answer: C", "the answer is (C)", "**Answer:** $\text{C}$", "the answer is option C", "the correct option is C"
+# ("option" / "choice" only before "is" or ":": "let me check option B" is no answer)
+_SAID = re.compile(r"(?i:answer(?P<is>\s+is|\s*:)?|(?:option|choice)(?P<is2>\s+is|\s*:))\s*[*_]*\s*:?\s*[*_]*\s*"
+                   r"(?i:(?:option|choice)\s+)?\$?\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
+                   r"\(?(?P<letter>[A-J])\)?(?![A-Za-z])")
 _WEAK = re.compile(r"\(([A-J])\)|^\s*[*_]*([A-J])[.)]?[*_]*\s*$", re.MULTILINE)  # "(C)", a line that is just "C"
 
 
+def _a_word(m):
+    """Whether a said letter A or I is the word, not the option: "Answer: I think ...", "I'm", "Answer: A closer look".
+    After "is", A is the option ("the answer is A in this case"); "I is / because / since / as" is option I."""
+    letter, rest = m.group("letter"), m.string[m.end():]
+    if letter not in "AI" or (letter == "A" and "is" in (m.group("is") or m.group("is2") or "").lower()):
+        return False
+    w = re.match(r"\s+([a-z]+)|['’]", rest)
+    return bool(w) and w.group(1) not in ("is", "because", "since", "as")
+
+
 def extract_choice(completion, finished=False):
-    """The last option letter of the final answer: the last explicit answer, else the last "(C)" -- unless a box
-    holds something else (a value after the options were restated: those letters are no answer)."""
+    """The last option letter of the final answer: the last explicit answer (a boxed letter, or one said as the
+    answer), else the last "(C)" -- unless a box holds something else (a value after the options were restated:
+    those letters are no answer)."""
     text = final_part(completion, finished)
     if text is None:
         return None
-    hits = list(_ANSWER.finditer(text)) or (list(_WEAK.finditer(text)) if last_boxed(text) is None else [])
-    return next(g for g in hits[-1].groups() if g).upper() if hits else None
+    said = [(m.start(), m.group("letter")) for m in _SAID.finditer(text) if not _a_word(m)]
+    boxes = [(i, m.group(1) or m.group(2)) for i, c in boxed(text, where=True)
+             if c is not None and (m := _BOX_LETTER.match(c))]
+    hits = sorted(said + boxes)
+    if not hits and last_boxed(text) is None:
+        hits = [(0, next(g for g in m.groups() if g)) for m in _WEAK.finditer(text)]
+    return hits[-1][1].upper() if hits else None
 
 
 def grade_math(completion, gold, finished=False):
@@ -182,6 +210,8 @@ def grade_math(completion, gold, finished=False):
     if text is None:
         return None, False
     boxes = boxed(text)
+    if boxes and boxes[-1] is None:  # cut off inside its last box: no answer (not the box before it)
+        return None, False
     last = boxes[-1] if boxes else None  # the last \boxed{}: math-verify would join all boxes into a set
     # unboxed text: only anchored answers ("the final answer is 3"), not any number ("... in 7 steps")
     anchored = [LatexExtractionConfig(try_extract_without_anchor=False), ExprExtractionConfig(try_extract_without_anchor=False)]
@@ -508,8 +538,9 @@ def parse_args(argv):
     p.add_argument("--grade-workers", type=int, default=2, help="processes for math-verify grading")
     p.add_argument("--dev", metavar="BENCH", help="Appendix E: score every checkpoint on BENCH (paper: aime24), keep "
                    "each run's best, and score only those (and models that are no opd.py checkpoint) on the rest")
-    p.add_argument("--kl-teacher", metavar="TEACHER", help="also score every sample under TEACHER and its own model: "
-                   "the sampled-token reverse KL, overall and by position (Fig. 5; TEACHER 'teacher' = the embedded one)")
+    p.add_argument("--kl-teacher", metavar="TEACHER", help="also score every sample (with --dev: the dev set's) under "
+                   "TEACHER and its own model: the sampled-token reverse KL, overall and by position (Fig. 5; TEACHER "
+                   "'teacher' = the embedded one)")
     p.add_argument("--kl-bin", type=int, default=256, help="position bin width for --kl-teacher, tokens (default 256, "
                    "the paper's; ~4-8 for the embedded task)")
     p.add_argument("--teacher-prefix", metavar="TEACHER", help="run the §2.3 probe: students continue TEACHER's "
@@ -529,6 +560,8 @@ def parse_args(argv):
     args.data = dict(d.split("=", 1) for d in args.data)
     args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else \
         list(args.data) or ["embedded"]
+    if not args.benchmarks:
+        raise BadInput("--benchmarks names no benchmark; give e.g. math500,aime24")
     for b in args.benchmarks + list(args.data):
         if b not in BENCHMARKS:
             raise BadInput(f"unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
@@ -571,8 +604,11 @@ def check_out(out):
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out {out}: {parent} is not a writable directory")
+    try:  # a real write, not os.access: root passes that everywhere, /proc included
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
+        raise BadInput(f"--out {out}: {parent} is not a writable directory") from None
 
 
 def resolve_model(m):

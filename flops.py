@@ -42,6 +42,14 @@ MODELS = {n: ModelConfig(h, i, l, a, kv, 128, 151936, tie, n)
           for n in [name] + ([name + "-Base"] if name != "Qwen3-32B" else [])}
 
 
+def _read_json(file):
+    with open(file) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
 def load_config(name_or_path) -> ModelConfig:
     """A built-in name ('Qwen3-8B', 'Qwen/Qwen3-8B-Base'), a model directory holding config.json, or that file."""
     path = os.fspath(name_or_path)
@@ -50,16 +58,17 @@ def load_config(name_or_path) -> ModelConfig:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no config.json at {file}: pass a model directory with config.json "
                                     f"or a built-in name ({', '.join(MODELS)})")
-        with open(file) as f:
-            c = json.load(f)
-        c = c.get("text_config", c)
-        try:
-            h, heads = c["hidden_size"], c["num_attention_heads"]
-            return ModelConfig(h, c["intermediate_size"], c["num_hidden_layers"], heads,
-                               c.get("num_key_value_heads") or heads, c.get("head_dim") or h // heads,
-                               c["vocab_size"], bool(c.get("tie_word_embeddings", False)), path)  # Qwen3's default
-        except KeyError as e:
-            raise ValueError(f"{file} has no {e.args[0]}: not a decoder-only transformer config") from None
+        c = _read_json(file)
+        c = c.get("text_config", c) if isinstance(c, dict) else {}
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        for k in sizes + ("num_key_value_heads", "head_dim"):
+            if (k in sizes or c.get(k) is not None) and not (isinstance(c.get(k), int) and c[k] > 0):
+                raise ValueError(f"{file}: {k} is {c.get(k, 'missing')!r}, not a positive integer: not a "
+                                 "decoder-only transformer config")
+        h, heads = c["hidden_size"], c["num_attention_heads"]
+        return ModelConfig(h, c["intermediate_size"], c["num_hidden_layers"], heads,
+                           c.get("num_key_value_heads") or heads, c.get("head_dim") or h // heads,
+                           c["vocab_size"], bool(c.get("tie_word_embeddings", False)), path)  # Qwen3's default
     if path.removeprefix("Qwen/") not in MODELS:
         raise ValueError(f"unknown model {path!r}: pass a local model directory with config.json "
                          f"or one of {', '.join(MODELS)}")
@@ -146,13 +155,20 @@ def from_metrics(path, student=None, teacher=None):
                     recs.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                r = recs[-1]
+                if not isinstance(r, dict):
+                    raise ValueError(f"{path}:{i}: not a JSON object; pass the metrics.jsonl that opd.py wrote")
+                for k in ("step", "seqlen_sum", "seqlen_sq_sum", "flops"):
+                    if k in r and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))):
+                        raise ValueError(f"{path}:{i}: {k} is {r[k]!r}, not a number")
     if all("step" in r for r in recs):  # a resumed run redid the steps after its checkpoint: keep the last of each
         recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])
     run_file = os.path.join(os.path.dirname(path), "run.json")
     run = {}
     if os.path.isfile(run_file):
-        with open(run_file) as f:
-            run = json.load(f)
+        run = _read_json(run_file)
+        if not isinstance(run, dict):
+            raise ValueError(f"{run_file}: not a JSON object; it is opd.py's record of a run's flags")
     student, teacher = student or run.get("student"), teacher or run.get("teacher")
     has_flops = all("flops" in r for r in recs)
     cfgs, source = None, "the records' flops"
@@ -190,6 +206,13 @@ PAPER = [("Table 1", *row[:1], "Qwen3-1.7B-Base", f, *row[1:]) for row, f in zip
          ("§5.1", "SeqKD to 22.5% AIME-24", "Qwen3-8B-Base", 1.5e19, "seqkd", None, None)]  # steps not given
 
 
+# Appendix E (Tables 5 / 6): the step of the checkpoint each row's accuracy was tested at, by student and row
+APPENDIX_E = {"Qwen3-1.7B-Base": {"OPD (prefix 256)": 20, "OPD (prefix 512)": 60, "OPD (prefix 1024)": 60,
+                                  "OPD (prefix 2048)": 40, "OPD (prefix scheduling)": 60, "OPD (60 steps)": 50},
+              "Qwen3-8B-Base": {"OPD (prefix 256)": 60, "OPD (prefix 512)": 50, "OPD (prefix 1024)": 40,
+                                "OPD (prefix 2048)": 60, "OPD (prefix scheduling)": 60, "OPD (60 steps)": 60}}
+
+
 def paper_row_flops(student, method, steps, prefix, natural=None):
     """This module's FLOPs for a paper row: every sequence at its cap, or at min(cap, natural)."""
     s, t = load_config(student), load_config(TEACHER)
@@ -214,8 +237,10 @@ def implied_length(reported, *row):
 def print_paper():
     print(f"Paper vs flops.py. OPD: {PROMPTS} prompts x {SAMPLES} rollouts, teacher {TEACHER}, max {MAX_NEW} new "
           f"tokens; SeqKD: batch {SEQKD_BATCH}, student update only.\n'ours': every sequence at its cap (prefix L,\n"
-          f"L(step) or {MAX_NEW}); 'implied': the natural length at which ours equals the paper.\n")
-    print(f"{'':8} {'row':26} {'student':16} {'steps':>5} {'paper':>8} {'ours':>9} {'paper/ours':>10} {'implied':>7}")
+          f"L(step) or {MAX_NEW}); 'implied': the natural length at which ours equals the paper; 'App. E': the\n"
+          "step of the checkpoint the row was tested at (Tables 5 / 6), and paper / ours at that many steps.\n")
+    print(f"{'':8} {'row':26} {'student':16} {'steps':>5} {'paper':>8} {'ours':>9} {'paper/ours':>10} {'implied':>7} "
+          f"{'App. E':>6} {'p/o':>5}")
     ours = {}
     for where, row, student, reported, method, steps, prefix in PAPER:
         if steps is None:
@@ -223,8 +248,10 @@ def print_paper():
             continue
         f = ours[row] = paper_row_flops(student, method, steps, prefix)
         n = implied_length(reported, student, method, steps, prefix)
+        e = APPENDIX_E.get(student, {}).get(row) if where.startswith("Table") else None
+        at_e = f"{e:6} {reported / paper_row_flops(student, method, e, prefix):5.2f}" if e else ""
         print(f"{where:8} {row:26} {student:16} {steps:5} {reported:8.1e} {f:9.2e} {reported / f:10.2f} "
-              f"{'>cap' if n is None else n:>7}")
+              f"{'>cap' if n is None else n:>7} {at_e}".rstrip())
     full, pre = ours["full OPD to 22.5% AIME-24"], ours["OPD prefix 256, 10 steps"]
     print(f"\n47x (§5.1): paper 2.7e19 / 5.7e17 = {2.7e19 / 5.7e17:.1f}x; paper's full OPD / our prefix 256 = "
           f"{2.7e19 / pre:.1f}x;\nours, with full OPD at the cap = {full / pre:.1f}x (an upper bound).")
@@ -235,7 +262,11 @@ verl's own counter is fed, are candidates). The rest depend on lengths the paper
 (rollouts end at EOS, far below 16384 on average), prefix 512-2048 and the 1.7B student's prefix 256 (rollouts
 ending before L: ours is an upper bound, and ratios below 1 say many did), prefix scheduling (L(step) caps lengths
 only until it passes the natural length), SeqKD (QwQ-32B response lengths; §5.1's SeqKD step count is not given).
-'implied' is a uniform length: with spread-out real lengths (larger sum s^2) the true mean is somewhat lower.""")
+'implied' is a uniform length: with spread-out real lengths (larger sum s^2) the true mean is somewhat lower.
+Prefix rows are taken as 60 steps. Another reading fits some 8B rows as well: at their Appendix E steps, prefix
+512 (50) and 1024 (40) come within 1-4% with every rollout at the cap, as prefix 256 does at 60; prefix 2048 does
+at 40 steps (0.96), not at Table 6's 60. The 1.7B rows do not fit theirs (prefix 256 at step 20 would be 2.4x
+the cap's cost), so the 60-step reading is kept.""")
 
 
 # --------------------------------------------------------------------------------------------------- command line

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -907,11 +908,11 @@ def main(argv=None):
                  f"is past {flag}'s {limit} positions: " + (f"lower --max-new-tokens to {room} or less" if room >= 1
                                                             else "shorten the longest prompts"))
         out = Path(cfg.out)
-        try:  # now, not after minutes of loading (every rank: each must exit here if it fails)
-            out.mkdir(parents=True, exist_ok=True)
+        try:  # now, not after minutes of loading (every rank: each must exit here if it fails); a real write, as
+            out.mkdir(parents=True, exist_ok=True)  # os.access passes anything for root
+            tempfile.TemporaryFile(dir=out).close()
         except OSError as e:
-            raise UsageError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
-        need(os.access(out, os.W_OK), f"--out {out} is not writable; choose another --out")
+            raise UsageError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
     except (UsageError, ValueError, OSError) as e:
         log0(f"opd.py: error: {e}")
         dist.destroy_process_group()

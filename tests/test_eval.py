@@ -48,6 +48,7 @@ MATH_CASES = [
     (r"3, 5", T + r"So $x = \boxed{3}$ or $x = \boxed{5}$.", True),          # one box per answer: all of them
     (r"8", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", True),               # ... only where the last is wrong
     (r"3", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", False),
+    (r"7", T + r"\boxed{7} and then \boxed{8", False),                         # cut off in its last box: no answer
 ]
 
 CHOICE_CASES = [
@@ -72,6 +73,17 @@ CHOICE_CASES = [
     ("x</think>\\boxed{B. 3.1 eV}", "B"),
     ("x</think>\\boxed{\\text{B) 3.1 eV}}", "B"),
     ("x</think>The options: (A) 2.3 eV, (B) 3.1 eV, (C) 4.0 eV.\nSo \\boxed{3.1\\text{ eV}}", None),  # not (C)
+    ("x</think>\\boxed{C. \\text{3.1 eV}}", "C"),                # the option's text boxed after its letter
+    ("x</think>\\boxed{C: \\frac{1}{2}}", "C"),
+    ("x</think>\\boxed{(C) 3.1 eV}", "C"),
+    ("x</think>\\boxed{a = 5}", None),                              # a value, not option a
+    ("x</think>The answer is A in this case.", "A"),                 # after "is", A is the option
+    ("x</think>The answer is A and then I check (B)", "A"),
+    ("x</think>The answer is $C$", "C"),
+    ("x</think>The answer is $\\text{C}$", "C"),
+    ("x</think>The answer is option C", "C"),
+    ("x</think>Let me check (B) again.\n\n**Final Answer**\nThe correct option is C.", "C"),
+    ("x</think>Let me check option B again.", None),                 # a mention of an option is no answer
 ]
 
 
@@ -169,9 +181,14 @@ def test_mmlupro_fixed_random_sample(tmp_path):
     assert len(ev.load_benchmark("mmlupro", str(tmp_path / "small.parquet"))) == 300
 
 
-def test_loader_errors():
+def test_loader_errors(tmp_path):
     with pytest.raises(ev.BadInput, match="no column 'answer'"):
         ev.load_benchmark("math500", str(FIX / "no_answer.jsonl"))
+    for second in ('{"problem": "2+2"}', '{"problem": "2+2", "answer": null}', '{"problem": "2+2", "answer": " "}'):
+        f = tmp_path / "gap.jsonl"  # a row without its answer: refused, not graded against "None" (was a KeyError)
+        f.write_text('{"problem": "1+1", "answer": "2"}\n' + second + "\n")
+        with pytest.raises(ev.BadInput, match="gap.jsonl row 2 has no 'answer'"):
+            ev.load_benchmark("math500", str(f))
     with pytest.raises(ev.BadInput, match="no such file"):
         ev.load_benchmark("aime24", str(FIX / "missing.parquet"))
     with pytest.raises(ev.BadInput, match="no column 'Question'"):
@@ -188,7 +205,8 @@ def test_mmlupro_broken_options_are_refused(tmp_path):
         f = tmp_path / "m.csv"
         with open(f, "w", newline="") as fh:
             csv.writer(fh).writerows([["question", "options", "answer"], ["2+2?", cell, answer]])
-        with pytest.raises(ev.BadInput, match="question 0: options .* not a list of 2-10 strings"):
+        why = "row 1 has no 'answer'" if answer == "" else "question 0: options .* not a list of 2-10 strings"
+        with pytest.raises(ev.BadInput, match=why):
             ev.load_benchmark("mmlupro", str(f))
 
 
@@ -291,6 +309,7 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
 # ------------------------------------------------------------------ bad inputs: one clear line, exit 2
 @pytest.mark.parametrize("argv,needle", [
     (["--benchmarks", "math501"], "unknown benchmark 'math501'"),
+    (["--benchmarks", ","], "--benchmarks names no benchmark"),
     (["--data", "math500=nope.jsonl"], "nope.jsonl: no such file"),      # --data alone picks the benchmark
     (["--data", "math5OO=x.jsonl"], "unknown benchmark 'math5OO'"),
     (["--benchmarks", "math500", "--data", f"math500={FIX / 'no_answer.jsonl'}"], "no column 'answer'"),

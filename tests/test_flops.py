@@ -1,6 +1,7 @@
 """flops.py: Appendix B's accounting by hand on a tiny config, public Qwen3 sizes, the paper's 5.7e17, the CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -119,6 +120,26 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     assert "--max-new-tokens must be >= 1" in cli("--full", "--max-new-tokens", "-5").stderr
     assert "broken.jsonl:2: not valid JSON" in cli("--from-metrics", str(tmp_path / "broken.jsonl")).stderr
     assert "only applies to the --delta schedule" in cli("--full", "--prefix-start", "5").stderr
+    # malformed files: one line naming the file and the field (were AttributeError / TypeError / ZeroDivisionError)
+    cases = [("config.json", "[1, 2]", "--full", "hidden_size is 'missing', not a positive integer"),
+             ("config.json", '{"hidden_size": "4096"}', "--full", "hidden_size is '4096', not a positive integer"),
+             ("config.json", '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 99, '
+              '"num_attention_heads": 0}', "--full", "num_attention_heads is 0"),
+             ("config.json", '{"hidden_size": ', "--full", "config.json:1: not valid JSON"),
+             ("run.json", "[1]", "--from-metrics", "run.json: not a JSON object"),
+             ("metrics.jsonl", '{"step": 0, "seqlen_sum": "x"}', "--from-metrics",
+              "metrics.jsonl:1: seqlen_sum is 'x'"),
+             ("metrics.jsonl", "[1]", "--from-metrics", "metrics.jsonl:1: not a JSON object")]
+    for name, text, mode, needle in cases:
+        d = tmp_path / "case"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        (d / name).write_text(text)
+        if name == "run.json":
+            (d / "metrics.jsonl").write_text('{"step": 0, "flops": 1.0}\n')
+        args = ["--full", "--teacher", str(d)] if mode == "--full" else ["--from-metrics", str(d / "metrics.jsonl")]
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, (name, text, r.stderr)
 
 
 def test_from_metrics_recomputes_or_falls_back(tmp_path):
@@ -155,3 +176,6 @@ def test_cli_plan_and_paper():
     line = next(x for x in r.stdout.splitlines() if "OPD prefix 256, 10 steps" in x)
     assert "5.7e+17" in line and "5.20e+17" in line and "1.10" in line
     assert "47.4x" in r.stdout and "Reproducible from the paper alone" in r.stdout
+    # Appendix E's checkpoint step beside a row, and paper / ours at that many steps (8B prefix 512: step 50, 5.25e18)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("Table 2") and "(prefix 512)" in x)
+    assert line.split()[-2:] == ["50", "0.99"], line

@@ -215,7 +215,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys):
     # an --out that cannot be made: refused before any model loads, not by rank 0's mkdir minutes later
     (tmp_path / "a-file").write_text("")
     code, lines = run_main(["--out", str(tmp_path / "a-file" / "run")], capsys)
-    assert code == 2 and lines == [f"opd.py: error: --out {tmp_path / 'a-file' / 'run'}: cannot create it (Not a "
+    assert code == 2 and lines == [f"opd.py: error: --out {tmp_path / 'a-file' / 'run'}: cannot write there (Not a "
                                    "directory); choose another --out"], lines
 
 
