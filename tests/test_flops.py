@@ -175,7 +175,7 @@ def test_cli_plan_and_paper():
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if "OPD prefix 256, 10 steps" in x)
     assert "5.7e+17" in line and "5.20e+17" in line and "1.10" in line
-    assert "47.4x" in r.stdout and "Reproducible from the paper alone" in r.stdout
+    assert "47.4x" in r.stdout and "ours, with full OPD at the cap = 100.8x" in r.stdout  # 5.24e19 / 5.20e17
     # Appendix E's checkpoint step beside a row, and paper / ours at that many steps (8B prefix 512: step 50, 5.25e18)
     line = next(x for x in r.stdout.splitlines() if x.startswith("Table 2") and "(prefix 512)" in x)
     assert line.split()[-2:] == ["50", "0.99"], line

@@ -319,7 +319,64 @@ print(f"rank {{rank}} ok", flush=True)  # one write: the two ranks share the pip
     assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
 
 
-def test_two_ranks_vllm_kill_and_resume(tmp_path):
+def test_two_ranks_gradient_is_the_objective_by_hand(tmp_path):
+    """The whole chain on 2 real FSDP2 ranks, each training half of the rollouts with opd.py's scale world / N: the
+    gradient FSDP leaves on every rank equals that of the objective written out by hand on one process with plain
+    transformers logits in fp64: (1/N) sum_t m_t exp(logp_t - ls_t) (ls_t - lt_t), the teacher's lt from its own
+    model, masked to the --window 1:4 positions, with sampler logprobs that make every ratio != 1. Tolerance: 2e-3 of
+    the largest gradient entry (the terms have both signs and cancel: the same by-hand sum in fp32 is 1.7e-4 from
+    fp64, opd.py's ~5e-4). A wrong sign, scale (FSDP averages over ranks), ratio, teacher, mask or position shift is
+    off by O(1); so would be the per-token kl / ratio stats train_step returns, also checked."""
+    script = tmp_path / "grad.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import opd, embedded, kernels
+from transformers import AutoModelForCausalLM, AutoTokenizer
+rank, world, device = opd.init_dist()
+tok = AutoTokenizer.from_pretrained(embedded.STUDENT_DIR)
+seqs = [(tok(opd.chat_prompt(tok, q), add_special_tokens=False).input_ids,
+         tok(q[8:8 + 6 + 3 * i], add_special_tokens=False).input_ids)
+        for i, q in enumerate(opd.load_questions(str(embedded.TRAIN_FILE))[:6])]
+lps = [[-0.3 - 0.2 * t for t in range(len(r))] for _, r in seqs]  # made up: ratios far from 1
+N, mine = len(seqs), list(range(rank, len(seqs), world))
+student = opd.load_model(str(embedded.STUDENT_DIR), device, train=True)
+teacher = opd.load_model(str(embedded.TEACHER_DIR), device, train=False)
+stats, _, _ = opd.train_step(opd.Config(window="1:4"), student, teacher, kernels.get_impl("torch"),
+                             [seqs[i] for i in mine], [lps[i] for i in mine], world / N, tok.pad_token_id, device, 1)
+grads = {{k.removeprefix("hf."): p.grad.full_tensor() for k, p in student.named_parameters()}}
+if rank == 0:
+    s, t = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64) for d in (embedded.STUDENT_DIR, embedded.TEACHER_DIR))
+    loss, kl, ratio = 0, {{}}, {{}}
+    for i, ((p, r), ls) in enumerate(zip(seqs, lps)):
+        ids, pos, y, ls = torch.tensor([p + r]), torch.arange(len(p) - 1, len(p) + len(r) - 1), torch.tensor(r), torch.tensor(ls, dtype=torch.float64)
+        logp = s(ids).logits[0, pos].log_softmax(-1)[torch.arange(len(r)), y]
+        with torch.no_grad():
+            lt = t(ids).logits[0, pos].log_softmax(-1)[torch.arange(len(r)), y]
+        m = ((torch.arange(len(r)) >= 1) & (torch.arange(len(r)) < 4)).float()
+        loss = loss + (m * torch.exp(logp - ls) * (ls - lt)).sum() / N
+        kl[i], ratio[i] = ls - lt, m * torch.exp(logp.detach() - ls)  # stats hold ratio 0 where nothing is trained
+    loss.backward()
+    want = {{k: p.grad for k, p in s.named_parameters()}}
+    assert grads.keys() == want.keys(), grads.keys() ^ want.keys()
+    scale = max(g.abs().max() for g in want.values())
+    assert scale > 1e-3, scale  # a gradient worth comparing
+    err = max(((grads[k].double() - want[k]).abs().max() / scale).item() for k in want)
+    assert err < 2e-3, err
+    got = lambda k: torch.cat([st[k] for st in stats]).double()
+    order = [mine[j] for g in opd.micro_batches([len(p) + len(r) for p, r in (seqs[i] for i in mine)], 1 << 20) for j in g]
+    assert torch.allclose(got("kl"), torch.cat([kl[i] for i in order]), atol=1e-5), "kl"
+    assert torch.allclose(got("ratio"), torch.cat([ratio[i] for i in order]), atol=1e-5), "ratio"
+    print(f"max grad error {{err:.1e}} of {{scale:.2e}}", flush=True)
+print(f"rank {{rank}} ok", flush=True)
+""")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(30000 + os.getpid() % 90), str(script)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
+
+
+def test_two_ranks_vllm_kill_and_resume(tmp_path, world_of_one):
     """A real run: FSDP2 over 2 gloo ranks, a vLLM-CPU engine per rank, killed after its first checkpoint, resumed on
     one rank (DCP reshards weights and optimizer state)."""
     out = tmp_path / "run"
@@ -337,6 +394,21 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path):
     assert saved < 3  # killed before the end: the resumed run has steps to train
     before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in before][:saved] == list(range(saved))
+    # DCP reshards for real: the 2-rank trainer state loads here, in a world of one, as the weights saved beside it
+    # (trained, not the shipped ones) and AdamW's state after `saved` steps
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model = opd.load_model(str(embedded.STUDENT_DIR), torch.device("cpu"), train=True)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opd.load_checkpoint(done, model, optim)
+    want, shipped = load_file(done / "model.safetensors"), load_file(embedded.STUDENT_DIR / "model.safetensors")
+    got = {k: v for b in opd.full_weights(model, torch.float32) for k, v in b.items()}
+    assert want.keys() <= got.keys() and all(torch.equal(got[k].to(want[k].dtype), want[k]) for k in want)
+    assert any(not torch.equal(want[k], shipped[k]) for k in want)
+    state = get_state_dict(model, optim)[1]["state"]
+    assert state and all(int(v["step"]) == saved for v in state.values())
+    assert any(v["exp_avg"].full_tensor().abs().max() > 0 for v in state.values())
+    del model, optim
 
     second = torchrun(args + ["--resume"], out, nproc=1)
     log, _ = second.communicate(timeout=500)
@@ -505,10 +577,6 @@ def test_non_finite_loss_skips_the_update(tmp_path):
     assert all(torch.equal(start[k], end[k]) for k in start)
 
 
-# opd.step_metrics by hand: truncation, KL by position bin, sampler gap, and the masked/unmasked means.
-# 
-# Kills: truncation counted from lengths (len > L) instead of the sampler's flag, a KL bin index off by one,
-# the sampler gap without abs (signed gaps cancel).
 @pytest.fixture
 def world_of_one(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)  # opd.init_dist: a world of one on a free port
@@ -595,10 +663,16 @@ def test_checkpoint_restores_weights_and_optimizer(world_of_one, tmp_path):
             a, b = o_want[k][name], o_got[k][name]
             a, b = (x.full_tensor() if hasattr(x, "full_tensor") else x for x in (a, b))
             assert torch.equal(a, b), (k, name)
-    hf = AutoModelForCausalLM.from_pretrained(path)
-    assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in hf.state_dict().items() if k in want)
+    hf = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    want = {k.removeprefix("hf."): v for k, v in want.items()}  # the trainer wraps the HF model as .hf
+    assert hf.keys() == want.keys(), hf.keys() ^ want.keys()
+    assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in hf.items())
 
 
+# opd.step_metrics by hand: truncation, KL by position bin, sampler gap, and the masked/unmasked means.
+#
+# Kills: truncation counted from lengths (len > L) instead of the sampler's flag, a KL bin index off by one,
+# the sampler gap without abs (signed gaps cancel).
 def test_step_metrics_by_hand(world_of_one):
     cfg = opd.Config(student="s", teacher="t", data="d", max_new_tokens=8, kl_bin=4)  # bins [0, 4), [4, 8)
     L = 6
@@ -649,7 +723,7 @@ def test_forward_scores_each_response_token_given_its_prefix():
 # opd.main's own arithmetic, in process on the embedded models with the sampler replaced by a recorder (no
 # generation): the loss scale handed to train_step (1 / rollouts of the global batch, times world for FSDP's
 # average), the rollout seed and prompts of a rank, the logged loss (per rollout) and the truncated fraction.
-# 
+#
 # The 2-rank case runs in a world of one with init_dist reporting rank 1 of 2: every collective is real (over one
 # rank), only the rank's slice of the batch, its seeds and the scale see the pretended rank.
 # Kills: the scale divided by tokens instead of rollouts, rank seeds that forget the samples per prompt
