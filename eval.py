@@ -7,9 +7,10 @@ interval over questions: 1.96 * sd(per-question acc@k) / sqrt(#questions).
 
 Grading reads the text after the last `</think>`; a sample without one gets nothing if it was cut off at the token
 budget and is read whole if it ended its turn (base models often never close the thought). Math: the last \\boxed{}
-(else an anchored "the answer is ..."; all boxes as one list where each answer got its own), checked against the
-gold answer with math-verify. Multiple choice: the last explicit letter (a boxed letter, "Answer: C", "the answer is
-(C)"), else the last "(C)" unless a box holds a value.
+(else an anchored "the answer is ..."; all boxes as one list where each answer got its own; none if the last box is
+cut off), checked against the gold answer with math-verify. Multiple choice: the last explicit letter (a boxed letter,
+also "\\boxed{C. 3.1 eV}"; "Answer: C", "the answer is (C)", "the correct option is $C$"), else the last "(C)" unless a
+box holds a value.
 
     python eval.py                                   # embedded student + teacher on the held-out set
     python eval.py --model runs/x/step_000050 runs/x/step_000060 \\
