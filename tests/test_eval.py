@@ -278,6 +278,20 @@ def test_end_to_end_vllm_on_cpu(tmp_path):
     assert "\n| teacher | " in table and f"{acc:.1f} ± " in table
 
 
+def _engine_probe(tag):  # module level: the engines' spawned processes import it
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), tag
+
+
+def test_engines_are_processes_on_one_gpu_each(monkeypatch):
+    """--engines N: each shard runs in a process of its own (not this one, not a shared one), with
+    CUDA_VISIBLE_DEVICES set to its own GPU before anything there touches CUDA; results come back in shard order.
+    (The GPUs are pretended: gpu_ids() is read here, in the parent; the pinning itself is what runs.)"""
+    monkeypatch.setattr(ev, "gpu_ids", lambda: ["3", "5", "6"])
+    out = ev.on_engines(_engine_probe, [("a",), ("b",)])
+    assert [o[1:] for o in out] == [("3", "a"), ("5", "b")]
+    assert len({pid for pid, _, _ in out} | {os.getpid()}) == 3
+
+
 def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     import embedded
     out = tmp_path / "probe"
