@@ -160,11 +160,6 @@ def boxed(text, where=False):
     return out if where else [c for _, c in out]
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...}, or None (none, or cut off)."""
-    return (boxed(text) or [None])[-1]
-
-
 # A box that holds an option: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV}, \boxed{(C) 3.1 eV}
 # (not \boxed{a = 5}: a bare letter must end the box or be followed by . ) : ,)
 _BOX_LETTER = re.compile(r"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
@@ -195,10 +190,10 @@ def extract_choice(completion, finished=False):
     if text is None:
         return None
     said = [(m.start(), m.group("letter")) for m in _SAID.finditer(text) if not _a_word(m)]
-    boxes = [(i, m.group(1) or m.group(2)) for i, c in boxed(text, where=True)
-             if c is not None and (m := _BOX_LETTER.match(c))]
-    hits = sorted(said + boxes)
-    if not hits and last_boxed(text) is None:
+    boxes = boxed(text, where=True)
+    letters = [(i, m.group(1) or m.group(2)) for i, c in boxes if c is not None and (m := _BOX_LETTER.match(c))]
+    hits = sorted(said + letters)
+    if not hits and (not boxes or boxes[-1][1] is None):  # no box, or the last cut off: the weak letters count
         hits = [(0, next(g for g in m.groups() if g)) for m in _WEAK.finditer(text)]
     return hits[-1][1].upper() if hits else None
 
@@ -735,12 +730,24 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------- plots
-def plot_probe(summary, teacher, lengths, path):
-    """Fig. 3: mean acc@k against the teacher-prefix length L, one line per student · benchmark."""
+def subplots(*args, **kw):
+    """plt.subplots on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    return plt.subplots(*args, **kw)
+
+
+def save(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_probe(summary, teacher, lengths, path):
+    """Fig. 3: mean acc@k against the teacher-prefix length L, one line per student · benchmark."""
+    fig, ax = subplots(figsize=(5, 3.5))
     for row, by in summary.items():
         ax.errorbar(lengths, [by[f"L={L}"][0] for L in lengths], yerr=[by[f"L={L}"][1] for L in lengths],
                     marker="o", capsize=3, label=row)
@@ -750,17 +757,13 @@ def plot_probe(summary, teacher, lengths, path):
     ax.set(xlabel="teacher prefix length L (tokens)", ylabel="mean acc@k (%)", title="Teacher-prefix probe (§2.3)",
            ylim=(0, None))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def plot_kl(kl, width, teacher, path):
     """Fig. 5: the sampled-token reverse KL to the teacher by position in the response, a line per row; below it
     how many sampled tokens each bin averages (few tokens: a noisy point)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, an) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=(2, 1))
+    fig, (ax, an) = subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=(2, 1))
     for row, k in kl.items():
         pts = [((i + 0.5) * width, v, n) for i, (v, n) in enumerate(zip(k["kl_by_pos"], k["tokens_by_pos"])) if n]
         if pts:
@@ -771,18 +774,13 @@ def plot_kl(kl, width, teacher, path):
     ax.set(ylabel="sampled-token reverse KL", title=f"KL to {teacher} by position")
     ax.legend(fontsize=7)
     an.set(xlabel="position in response (tokens)", ylabel="tokens per bin", yscale="log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_compute(summary, trained, cols, path):
     """Fig. 4: mean acc@k against training FLOPs, a panel per benchmark and a line per run (the directory holding
     the step_N checkpoints); rows without a training record (base model, teacher) are dashed levels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.5), squeeze=False)
+    fig, axes = subplots(1, len(cols), figsize=(4.5 * len(cols), 3.5), squeeze=False)
     for ax, col in zip(axes[0], cols):
         for run in dict.fromkeys(t["run"] for t in trained.values()):  # in --model order
             rows = sorted((r for r, t in trained.items() if t["run"] == run and col in summary[r]),
@@ -796,9 +794,7 @@ def plot_compute(summary, trained, cols, path):
                             va="bottom", color="gray")
         ax.set(xscale="log", xlabel="training FLOPs (Appendix B)", ylabel="mean acc@k (%)", title=col, ylim=(0, None))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

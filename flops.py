@@ -60,9 +60,11 @@ def load_config(name_or_path) -> ModelConfig:
                                     f"or a built-in name ({', '.join(MODELS)})")
         c = _read_json(file)
         c = c.get("text_config", c) if isinstance(c, dict) else {}
+        optional = ("num_key_value_heads", "head_dim")  # absent or null: the attention heads' defaults below
         sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        for k in sizes + ("num_key_value_heads", "head_dim"):
-            if (k in sizes or c.get(k) is not None) and not (isinstance(c.get(k), int) and c[k] > 0):
+        for k in sizes + optional:
+            v = c.get(k)
+            if not (isinstance(v, int) and v > 0 or v is None and k in optional):
                 raise ValueError(f"{file}: {k} is {c.get(k, 'missing')!r}, not a positive integer: not a "
                                  "decoder-only transformer config")
         h, heads = c["hidden_size"], c["num_attention_heads"]

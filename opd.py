@@ -81,6 +81,11 @@ class Config:
                             "shards, optimizer state and teacher stay resident meanwhile: raise it where they leave "
                             "room (more KV cache, more rollouts in flight)")
 
+    @property
+    def untruncated(self) -> bool:
+        """--full / --window / --tail: whole rollouts up to --max-new-tokens, no prefix schedule."""
+        return bool(self.full or self.window or self.tail)
+
 
 # The embedded default: a built-in task whose solutions are ~40 tokens. L_train starts at 7 (a solution's first 6
 # tokens copy the question's first operation, "37+14=", and the 7th is the first that needs arithmetic) and grows by 1
@@ -146,8 +151,7 @@ def check_config(cfg: Config):
         need(not local or os.path.isdir(name),
              f"{flag} {name}: no such model directory (a local Hugging Face model dir, or a hub id like Qwen/Qwen3-8B)")
     need(cfg.prefix_start >= 1, f"--prefix-start must be >= 1 (got {cfg.prefix_start})")
-    untruncated = cfg.full or cfg.window is not None or cfg.tail > 0  # the schedule is unused: don't check it
-    need(untruncated or cfg.prefix_start <= cfg.max_new_tokens, f"--prefix-start {cfg.prefix_start} is past "
+    need(cfg.untruncated or cfg.prefix_start <= cfg.max_new_tokens, f"--prefix-start {cfg.prefix_start} is past "
          f"--max-new-tokens {cfg.max_new_tokens}: L_train would be capped from the first step; use --full for "
          "whole rollouts")
     need(cfg.delta >= 0, f"--delta must be >= 0 (got {cfg.delta}); 0 keeps the prefix fixed")
@@ -615,8 +619,8 @@ def sampling_seed(cfg: Config, stream: int, index: int) -> int:
 def schedule(cfg: Config, step: int) -> int:
     """L_train for this step (paper §3): prefix_start, growing by delta per update, capped at max_new_tokens.
     A function of the step alone (so a resume lands on the same L): a skipped, non-finite update moves L on too."""
-    if cfg.full or cfg.window or cfg.tail:
-        return cfg.max_new_tokens  # untruncated rollouts
+    if cfg.untruncated:
+        return cfg.max_new_tokens
     return flops.prefix_len(step, cfg.prefix_start, cfg.delta, cfg.max_new_tokens)
 
 

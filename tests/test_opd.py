@@ -330,14 +330,13 @@ def test_two_ranks_gradient_is_the_objective_by_hand(tmp_path):
     script = tmp_path / "grad.py"
     script.write_text(f"""
 import sys, torch
-sys.path.insert(0, {str(ROOT)!r})
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import opd, embedded, kernels
+from test_opd import _rollouts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 rank, world, device = opd.init_dist()
 tok = AutoTokenizer.from_pretrained(embedded.STUDENT_DIR)
-seqs = [(tok(opd.chat_prompt(tok, q), add_special_tokens=False).input_ids,
-         tok(q[8:8 + 6 + 3 * i], add_special_tokens=False).input_ids)
-        for i, q in enumerate(opd.load_questions(str(embedded.TRAIN_FILE))[:6])]
+seqs, _ = _rollouts(tok, 6)
 lps = [[-0.3 - 0.2 * t for t in range(len(r))] for _, r in seqs]  # made up: ratios far from 1
 N, mine = len(seqs), list(range(rank, len(seqs), world))
 student = opd.load_model(str(embedded.STUDENT_DIR), device, train=True)
