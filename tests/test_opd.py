@@ -267,6 +267,21 @@ def kill_tree(proc):
     psutil.wait_procs(procs, timeout=30)
 
 
+def run_two_ranks(script, port):
+    """The script under torchrun on 2 gloo ranks; each must reach its end. There they meet and destroy the group: a
+    process that exits with its gloo group alive may abort in interpreter teardown ("terminate called without an
+    active exception", pytorch#190489), as rank 1 did once in CI while rank 0 alone computed the reference."""
+    script.write_text(script.read_text() + """
+opd.dist.barrier()
+opd.dist.destroy_process_group()
+print(f"rank {rank} ok", flush=True)  # one write: the two ranks share the pipe
+""")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port + os.getpid() % 90), str(script)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
+
+
 def test_two_ranks_load_the_checkpoint_exactly(tmp_path):
     """Rank 0 reads the weights, rank 1 builds on the meta device; after sharding and the broadcast, the full weights
     (and buffers such as rotary inv_freq) on every rank equal the files'."""
@@ -311,12 +326,8 @@ for path, train in ((embedded.STUDENT_DIR, True), (embedded.TEACHER_DIR, False))
               torch.full((2,), -23.456789))
     assert seen == dict(h=torch.bfloat16, w=torch.bfloat16, ls=torch.float32, exact=True), seen
     assert train or isinstance(model.hf.lm_head.weight, DTensor), type(model.hf.lm_head.weight)
-print(f"rank {{rank}} ok", flush=True)  # one write: the two ranks share the pipe
 """)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29900 + os.getpid() % 90), str(script)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
+    run_two_ranks(script, 29900)
 
 
 def test_two_ranks_gradient_is_the_objective_by_hand(tmp_path):
@@ -367,12 +378,8 @@ if rank == 0:
     assert torch.allclose(got("kl"), torch.cat([kl[i] for i in order]), atol=1e-5), "kl"
     assert torch.allclose(got("ratio"), torch.cat([ratio[i] for i in order]), atol=1e-5), "ratio"
     print(f"max grad error {{err:.1e}} of {{scale:.2e}}", flush=True)
-print(f"rank {{rank}} ok", flush=True)
 """)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(30000 + os.getpid() % 90), str(script)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
+    run_two_ranks(script, 30000)
 
 
 def test_two_ranks_vllm_kill_and_resume(tmp_path, world_of_one):
