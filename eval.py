@@ -38,6 +38,8 @@ trained L_train too).
 """
 import argparse
 import ast
+import functools
+import gc
 import json
 import math
 import os
@@ -48,7 +50,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from opd import HFSampler, UsageError as BadInput, chat_prompt, read_rows  # one prompt, reader, HF sampler for both
+from opd import HFSampler, UsageError as BadInput, prompt_ids, read_rows  # one prompt, reader, HF sampler for both
 
 # name: (table title, answer kind, default k, hub source (id, config, split)); columns follow the hub sets
 BENCHMARKS = {
@@ -252,6 +254,7 @@ def mean_ci(scores):
 
 
 # ----------------------------------------------------------------------------- sampling
+@functools.cache  # one load per model: the vocab check, complete() and sample() each ask for it
 def model_info(path):
     """(tokenizer, eos ids, max positions) of an HF checkpoint directory."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -331,7 +334,7 @@ def cut_eos(ids, eos):
 
 
 def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
-    import gc, torch
+    import torch
     from vllm import LLM, SamplingParams
     # on CPU: a bounded KV cache (vLLM takes ~18 GB otherwise) and no torch.compile warmup (~40 s per engine)
     extra = {} if torch.cuda.is_available() else dict(kv_cache_memory_bytes=int(args.cpu_kv_cache_gb * 2**30),
@@ -370,10 +373,6 @@ def sample_hf(path, prompts, ns, max_tokens, tok, eos, args):
 
 
 # ----------------------------------------------------------------------------- runs
-def prompt_ids(tok, question):
-    return tok(chat_prompt(tok, question), add_special_tokens=False)["input_ids"]
-
-
 def complete(path, items, args):
     """Graded samples of checkpoint `path` for items {benchmark, q, k, head}: k samples per question.
     With a head (token ids: the teacher's prefix) the model continues it, and head + continuation is graded
@@ -465,7 +464,6 @@ def score(path, seqs, engines=1):
     if engines > 1 and len(seqs) > 1:
         e = min(engines, len(seqs))
         return interleave(on_engines(score, [(path, seqs[i::e]) for i in range(e)]), len(seqs))
-    import gc
     import torch
     import kernels
     from opd import LogProbs, forward, micro_batches

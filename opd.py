@@ -228,6 +228,11 @@ def chat_prompt(tokenizer, question: str) -> str:
     return text + "<think>\n"
 
 
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """chat_prompt's token ids (the template writes its own special tokens: none added)."""
+    return tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False).input_ids
+
+
 def read_rows(path) -> list[dict]:
     """Rows (dicts) of a .jsonl / .json / .parquet / .csv file."""
     path = Path(path)
@@ -869,7 +874,7 @@ def heldout_accuracy(sampler, tok, rows, cfg, k, device) -> float:
     mine = rows[first:first + per]
     correct = 0
     if mine:
-        prompts = [tok(chat_prompt(tok, r["question"]), add_special_tokens=False).input_ids for r in mine]
+        prompts = [prompt_ids(tok, r["question"]) for r in mine]
         outs = sampler.generate(prompts, 1, cfg.max_new_tokens, sampling_seed(cfg, 10**7 + k, first))
         graded = evaluation.grade(kind, [tok.decode(o[0], skip_special_tokens=True) for o in outs],
                                   [str(r["answer"]) for r in mine],
@@ -900,9 +905,8 @@ def main(argv=None):
         if impl == "triton" and not kernels.triton_usable(torch.empty(0, device=device)):
             raise UsageError(f"--impl triton cannot run on {device.type} here ({kernels.FUSED_ERROR or 'no GPU'}); "
                              "use --impl torch (or set TRITON_INTERPRET=1 for a slow CPU check)")
-        prompt_ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
-        longest = max(len(p) for p in prompt_ids + [tok(chat_prompt(tok, r["question"]), add_special_tokens=False)
-                                                     .input_ids for r in heldout])
+        prompts = [prompt_ids(tok, q) for q in questions]
+        longest = max(len(p) for p in prompts + [prompt_ids(tok, r["question"]) for r in heldout])
         max_len = longest + cfg.max_new_tokens + 1
         from transformers import AutoConfig
         for flag, name in (("--student", cfg.student), ("--teacher", cfg.teacher)):
@@ -968,12 +972,12 @@ def main(argv=None):
         sync_sampler()  # every generate follows a sync: the GPU sampler drops its weights when it sleeps
         t_sync = time.perf_counter() - t0
         idx = step_prompts(len(questions), step, cfg.batch_size, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
-        rollouts = sampler.generate([prompt_ids[i] for i in idx], cfg.samples, L,
+        rollouts = sampler.generate([prompts[i] for i in idx], cfg.samples, L,
                                     seed=sampling_seed(cfg, step, rank * per_rank * cfg.samples))
         t_sample = time.perf_counter() - t0 - t_sync
         # ALGO LOGIC: each rollout is one sequence; token losses are summed per sequence and averaged over all
         # rollouts of the global batch. FSDP averages gradients over ranks, hence world / N rather than 1 / N.
-        seqs = [(prompt_ids[i], r[0]) for i, rs in zip(idx, zip(*[iter(rollouts)] * cfg.samples)) for r in rs]
+        seqs = [(prompts[i], r[0]) for i, rs in zip(idx, zip(*[iter(rollouts)] * cfg.samples)) for r in rs]
         seqs_kept = [(s, r[1]) for s, r in zip(seqs, rollouts) if r[0]]  # empty rollouts score nothing
         scale = world / (cfg.batch_size * cfg.samples)
         n_local = len(micro_batches([len(p) + len(r) for (p, r), _ in seqs_kept], cfg.micro_batch_tokens))
