@@ -6,7 +6,8 @@
     python flops.py --from-metrics run/metrics.jsonl         # actual cost of a finished run
     python flops.py --paper                                  # the paper's figures beside this module's
 
-For one batch of sequences of lengths s_i (the supervised response lengths, as in the paper):
+For one batch of sequences of lengths s_i (the sampled response lengths: in prefix and full OPD the trained ones, as
+in the paper; a --window / --tail run samples, scores and backpropagates whole rollouts, so it pays for them):
     F_train(M) = 6 * N_dense(M) * sum(s_i) + 12 * sum(s_i^2) * head_dim * heads * layers
     F_fwd(M)   = F_train(M) / 3
     F_OPD      = F_train(S) + 2 F_fwd(S) + F_fwd(T)   (student update; sampling, student log-probs; teacher log-probs)

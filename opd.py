@@ -552,7 +552,9 @@ class _SampledLogprobs:
 
 class HFSampler:
     """Fallback: transformers `generate` on an unsharded copy (no vLLM needed; slow on long rollouts). Prompts go
-    through in groups whose KV cache fits half the GPU memory free at the time, so a big batch runs in turns."""
+    through in groups whose KV cache fits half the GPU memory free at the time, so a big batch runs in turns.
+    Unlike vLLM it draws from one torch generator per call, seeded with the call's first rollout seed: the same
+    command samples the same rollouts, but a resume or another world size (other groups, other shards) may not."""
 
     kv_tokens = None  # rollout tokens one generate may hold; None: from free GPU memory (CPU: no limit)
 
@@ -630,7 +632,8 @@ def schedule(cfg: Config, step: int) -> int:
 
 
 def token_mask(cfg: Config, length: int) -> list[float]:
-    """m_t for the response positions t = 0..length-1 of one rollout (1 = trained)."""
+    """m_t for the response positions t = 0..length-1 of one rollout (1 = trained). A sampled stop token is a
+    position like any other (as in verl and Tinker): the teacher's logprob of it teaches the student where to end."""
     if cfg.window:
         a, b = map(int, cfg.window.split(":"))
         return [float(a <= t < b) for t in range(length)]

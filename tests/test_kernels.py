@@ -3,7 +3,8 @@
 On CPU the Triton kernels run in the interpreter: TRITON_INTERPRET=1 must be set before triton is first
 imported (set here, or in pytest's environment when other test files import triton first);
 with a GPU they run compiled on 'cuda'. The kernel's error must stay within ~2x of torch's own error
-in the same dtype (torch: logits in that dtype, then fp32 softmax, as every trainer does).
+in the same dtype (torch: logits in that dtype, then fp32 softmax, as every trainer does), both in norm and in bias
+(the error along the truth, where a percent off in a scale shows).
 The interpreter truncates fp32 -> bf16 stores where the GPU rounds to nearest, so on CPU the kernel's
 bf16 logits gradient carries up to ~2x torch's rounding error; the GPU run is tighter.
 """
@@ -85,6 +86,28 @@ def within(err_kernel, err_torch, dtype):
     return err_kernel <= 2.0 * err_torch + slack
 
 
+def bias(a, b):
+    """a's error along the truth b, relative: an output off by a scale (a sign, a normalisation, a ratio off by a
+    percent) shows here in full, while rounding noise averages out; the norm alone lets a 1% scale through."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return (((a - b) * b).sum() / (b * b).sum().clamp_min(1e-300)).item()
+
+
+# The interpreter truncates fp32 -> 16-bit stores where the GPU rounds to nearest: each store shrinks values by
+# ~2^-9 on average and dW passes three (measured on CPU: bias down to -3.5e-3 in dh, -7.5e-3 in dW): only shrinking
+SHRINK = 0.0 if CUDA else 1e-2
+
+
+def check(mine, truth, torch_, dtype):
+    """mine is finite, and its error is within ~2x plain torch's in the same dtype: in norm and in bias."""
+    err, err_t, b, b_t = rel(mine, truth), rel(torch_, truth), bias(mine, truth), abs(bias(torch_, truth))
+    slack, shrink = (1e-5, 0.0) if dtype == FP32 else (1e-3, SHRINK)
+    assert torch.isfinite(mine).all()
+    assert within(err, err_t, dtype), f"error {err:.2e}, torch's {err_t:.2e}"
+    if err_t < 3e-2:  # (else a few rows far off, e.g. logits of +-200 in bf16, dominate, and the bias is their noise)
+        assert -shrink - 2 * b_t - slack <= b <= 2 * b_t + slack, f"bias {b:.2e}, torch's {b_t:.2e}"
+
+
 CASES = [  # N, V, H, dtype, temperature, chunk_rows
     (1, 1007, 48, BF16, 1.0, None),
     (37, 1007, 64, FP32, 0.7, 16),
@@ -134,8 +157,7 @@ def test_token_logprobs_vs_fp64(N, V, H, dtype, temp, chunk, epi):
     assert dh.dtype == dtype and dw.dtype == dtype
     assert (lp <= 0).all() and (en >= 0).all()
     for mine, truth, torch_ in ((lp, lp64, lpt), (en, en64, ent), (dh, dh64, dht), (dw, dw64, dwt)):
-        assert torch.isfinite(mine).all()
-        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+        check(mine, truth, torch_, dtype)
         assert rel(torch_, truth) < TORCH_AGREES[dtype]  # so a wrong reference cannot hide behind the 2x rule
 
 
@@ -172,8 +194,7 @@ def test_opd_loss_vs_fp64(N, V, H, dtype, temp, chunk, epi, mask_kind):
     assert within(abs(loss.item() - loss64.item()), abs(losst.item() - loss64.item()), dtype) or \
         abs(loss.item() - loss64.item()) < 1e-3 * abs(loss64.item())
     for mine, truth, torch_ in ((dh, dh64, dht), (dw, dw64, dwt)):
-        assert torch.isfinite(mine).all()
-        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+        check(mine, truth, torch_, dtype)
         assert rel(torch_, truth) < TORCH_AGREES[dtype]
     on = mask > 0
     assert (stats["logp"][~on] == 0).all() and (stats["ratio"][~on] == 0).all()
@@ -278,7 +299,7 @@ def test_extreme_logits(dtype, epi):
     assert (lp <= 0).all() and (en >= 0).all()
     assert lp.min() < -50  # the test really reaches extreme values
     for mine, truth, torch_ in ((lp, lp64, lpt), (dh, dh64, dht), (dw, dw64, dwt)):
-        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+        check(mine, truth, torch_, dtype)
     assert (en - en64).abs().max() <= 2 * (ent - en64).abs().max() + 1e-4
 
 
@@ -305,10 +326,9 @@ def test_opd_loss_far_targets_are_redone(dtype, epi):
                          h, w, upstream=[1.0])
     st = fused.opd_loss_triton(h, w, *args)[1]
     lpt = naive_token_logprobs(h, w, y, 1.0)[0]
-    assert within(rel(st["logp"], lp64), rel(lpt, lp64), dtype), (rel(st["logp"], lp64), rel(lpt, lp64))
+    check(st["logp"], lp64, lpt, dtype)
     for mine, truth, torch_ in ((dh, dh64, dht), (dw, dw64, dwt)):
-        assert torch.isfinite(mine).all()
-        assert within(rel(mine, truth), rel(torch_, truth), dtype), (rel(mine, truth), rel(torch_, truth))
+        check(mine, truth, torch_, dtype)
     # the loss is its own logp's (whose error is checked above; one scalar of a few rows is too noisy to compare)
     assert loss.item() == pytest.approx((torch.exp(st["logp"] - ls) * (ls - lt)).sum().item() / N, rel=1e-5)
 
@@ -339,7 +359,12 @@ def test_opd_loss_across_the_redo_threshold(dtype, epi):
     lp = fused.opd_loss_triton(h, w, *args)[1]["logp"]
     assert torch.allclose(lp.double(), lp64, rtol=1e-6, atol=1e-4), (lp - lp64).abs().max()
     for mine, truth in ((dh, dh64), (dw, dw64)):
-        assert torch.isfinite(mine).all() and rel(mine, truth) < (1e-2 if dtype == BF16 else 1e-5), rel(mine, truth)
+        err, b = rel(mine, truth), bias(mine, truth)
+        assert torch.isfinite(mine).all()
+        if dtype == FP32:
+            assert err < 1e-5, err
+        else:  # bf16 outputs: rounding noise (the error less its bias), and no bias but the interpreter's shrinking
+            assert (err**2 - b**2) ** 0.5 < 4e-3 and -SHRINK - 1e-3 <= b <= 1e-3, (err, b)
 
 
 def test_first_autotuned_call_is_right(monkeypatch):
@@ -421,8 +446,7 @@ def test_fp16_uses_the_row_max():
     (_,), dht, dwt = run(lambda a, b: (torch.exp(naive_token_logprobs(a, b, y, 1.0)[0] - ls) * (ls - lt)).sum() / N,
                          h, w, upstream=[1.0])
     for mine, truth, torch_ in ((dh, dh64, dht), (dw, dw64, dwt)):
-        assert torch.isfinite(mine).all()
-        assert within(rel(mine, truth), rel(torch_, truth), BF16), (rel(mine, truth), rel(torch_, truth))
+        check(mine, truth, torch_, torch.float16)
 
 
 def test_chunks_are_even():
