@@ -40,6 +40,7 @@ import argparse
 import ast
 import functools
 import gc
+import hashlib
 import json
 import math
 import os
@@ -50,7 +51,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from opd import HFSampler, UsageError as BadInput, prompt_ids, read_rows  # one prompt, reader, HF sampler for both
+from opd import HFSampler, UsageError as BadInput, model_dir_lacks, prompt_ids, read_rows, stop_ids  # as training
 
 # name: (table title, answer kind, default k, hub source (id, config, split)); columns follow the hub sets
 BENCHMARKS = {
@@ -144,21 +145,28 @@ def final_part(completion, finished=False):
     return completion[i + len("</think>"):] if i >= 0 else completion if finished else None
 
 
+_BOX = re.compile(r"\\boxed(?:\s*\{|\s+([^\s${}\\]+))")  # \boxed{...}, or \boxed 5 (valid LaTeX, and models write it)
+
+
 def boxed(text, where=False):
-    """Contents of the \\boxed{...} in text (braces matched), in order; an unclosed one (cut off) ends them as None.
-    where: (start offset, content) pairs."""
-    out, start = [], text.find("\\boxed{")
-    while start >= 0:
-        depth, i = 0, start + len("\\boxed")
+    """Contents of the \\boxed{...} (braces matched) and \\boxed 5 in text, in order; an unclosed one (cut off) ends
+    them as None. where: (start offset, content) pairs."""
+    out, pos = [], 0
+    while m := _BOX.search(text, pos):
+        if m.group(1) is not None:  # \boxed 5.: LaTeX boxes one token; the sentence's full stop is not the answer's
+            out.append((m.start(), m.group(1).rstrip(".,;:")))
+            pos = m.end()
+            continue
+        depth, i = 0, m.end() - 1  # at the {
         for j in range(i, len(text)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                out.append((start, text[i + 1:j].strip()))
+                out.append((m.start(), text[i + 1:j].strip()))
                 break
         else:
-            out.append((start, None))
+            out.append((m.start(), None))
             break
-        start = text.find("\\boxed{", j)
+        pos = j
     return out if where else [c for _, c in out]
 
 
@@ -257,18 +265,10 @@ def mean_ci(scores):
 @functools.cache  # one load per model: the vocab check, complete() and sample() each ask for it
 def model_info(path):
     """(tokenizer, eos ids, max positions) of an HF checkpoint directory."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     cfg = AutoConfig.from_pretrained(path)
-    # base checkpoints list only <|endoftext|> as eos, yet a chat-trained student ends its turn with <|im_end|>
-    vocab = tok.get_vocab()
-    eos = {tok.eos_token_id} | {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
-    try:
-        gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    except OSError:
-        pass
-    return tok, sorted(e for e in eos if e is not None), getattr(cfg, "max_position_embeddings", 1 << 30)
+    return tok, stop_ids(tok, path), getattr(cfg, "max_position_embeddings", 1 << 30)  # the ends training stops at
 
 
 def sample(path, prompts, ns, max_tokens, args):
@@ -285,6 +285,26 @@ def sample(path, prompts, ns, max_tokens, args):
     else:
         out = sample_hf(path, prompts, ns, max_tokens, tok, eos, args)
     return [[(cut_eos(ids, eos), finished) for ids, finished in row] for row in out]
+
+
+def sample_kept(path, prompts, ns, max_tokens, args):
+    """sample(), kept in --out/samples/: rerun after a crash (or with more checkpoints) with the same --out, and
+    nothing sampled before is sampled again. The key: the checkpoint's weight files (path, size, time), the prompts,
+    counts and budgets, and the flags that change a sample (--sampler, --dtype, --seed)."""
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(path)
+                     if f.name.endswith((".safetensors", ".bin")))
+    key = json.dumps([os.path.realpath(path), weights, prompts, ns, max_tokens, args.sampler, args.dtype, args.seed])
+    file = os.path.join(args.out, "samples", hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+    if os.path.isfile(file):
+        print(f"{args.labels.get(path, path)}: {sum(ns)} samples kept in {file} (delete it to sample them again)")
+        with open(file) as f:
+            return [[(ids, finished) for ids, finished in row] for row in json.load(f)]
+    outs = sample(path, prompts, ns, max_tokens, args)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    with open(file + ".tmp", "w") as f:  # then renamed: a crash mid-write leaves no half file to reuse
+        json.dump(outs, f)
+    os.replace(file + ".tmp", file)
+    return outs
 
 
 def sample_parallel(path, prompts, ns, max_tokens, args):
@@ -380,7 +400,7 @@ def complete(path, items, args):
     tok = model_info(path)[0]
     prompts = [prompt_ids(tok, it["q"]["question"]) + it["head"] for it in items]
     budgets = [args.max_new_tokens - len(it["head"]) for it in items]  # head + continuation <= max_new_tokens
-    outs = sample(path, prompts, [it["k"] for it in items], budgets, args)
+    outs = sample_kept(path, prompts, [it["k"] for it in items], budgets, args)
     recs = [dict(model=path, benchmark=it["benchmark"], id=it["q"]["id"], sample=j, answer=it["q"]["answer"],
                  tokens=len(ids), finished=finished,  # ended its turn (end token), not cut off at the budget
                  completion=tok.decode(it["head"] + ids, skip_special_tokens=True))
@@ -520,8 +540,10 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, help="response budget (default: the paper's 16384; 32768 with "
                    "--teacher-prefix, as in §2.3)")
     p.add_argument("--limit", type=int, help="only the first N questions of each benchmark (smoke tests)")
-    p.add_argument("--sampler", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--sampler", choices=["vllm", "hf"], default="vllm", help="vLLM (default), or transformers "
+                   "generate")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights' dtype for sampling (auto: from the checkpoint's, as vLLM / transformers choose)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--engines", type=int, default=1, help="data-parallel engines for sampling (and --kl-teacher's "
                    "scoring): a process each, on a GPU each where there are GPUs (e.g. 8 on an 8-GPU node for models "
@@ -541,7 +563,8 @@ def parse_args(argv):
                    "prefixes (embedded task: use e.g. --prefix-lengths 0,8,16,32 --prefix-margin 4)")
     p.add_argument("--prefix-lengths", default="0,2048,4096,6144,8192", help="comma list of L (probe)")
     p.add_argument("--prefix-margin", type=int, default=512, help="L_p = min(L, L_r - margin) (paper: 512)")
-    p.add_argument("--out", default=None, help="output dir (default runs/eval-<time>)")
+    p.add_argument("--out", default=None, help="output dir (default runs/eval-<time>); samples are kept in its "
+                   "samples/ as drawn, so a rerun with the same --out samples only what it lacks")
     p.error = lambda msg: (print(f"eval.py: error: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     args = p.parse_args(argv)
     try:
@@ -551,11 +574,17 @@ def parse_args(argv):
     bad = [d for d in args.data if "=" not in d]
     if bad:
         raise BadInput(f"--data takes BENCH=FILE pairs, e.g. math500=math500.jsonl (got {bad[0]!r})")
-    args.data = dict(d.split("=", 1) for d in args.data)
+    args.data, given = dict(d.split("=", 1) for d in args.data), [d.split("=", 1)[0] for d in args.data]
+    if len(given) > len(args.data):
+        raise BadInput(f"--data names {max(given, key=given.count)} twice: give one file per benchmark")
     args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else \
         list(args.data) or ["embedded"]
     if not args.benchmarks:
         raise BadInput("--benchmarks names no benchmark; give e.g. math500,aime24")
+    unused = [b for b in args.data if b not in args.benchmarks]
+    if unused:
+        raise BadInput(f"--data {unused[0]}=... but --benchmarks does not name {unused[0]}: add it there or drop "
+                       "the --data")
     for b in args.benchmarks + list(args.data):
         if b not in BENCHMARKS:
             raise BadInput(f"unknown benchmark '{b}' (choose from {', '.join(BENCHMARKS)})")
@@ -620,8 +649,10 @@ def resolve_model(m):
         except Exception as e:  # offline, unknown id, no access: huggingface_hub raises several types
             raise BadInput(f"no local checkpoint at {m}, and the hub did not give it ({type(e).__name__}); pass a "
                            "checkpoint directory") from None
-    if not os.path.isfile(os.path.join(m, "config.json")):
-        raise BadInput(f"no HF checkpoint at {m} (expected a directory with config.json, tokenizer and *.safetensors)")
+    lacks = model_dir_lacks(m) if os.path.isdir(m) else "such directory"
+    if lacks:
+        raise BadInput(f"no HF checkpoint at {m} (no {lacks}; expected a directory with config.json, tokenizer and "
+                       "*.safetensors)")
     return m
 
 

@@ -147,7 +147,9 @@ def planned(student, teacher, steps, rollouts, prefix_start, delta, max_new_toke
 def from_metrics(path, student=None, teacher=None):
     """Rows (step, rollouts, tokens, flops, recorded flops) of a finished run, and where its flops came from:
     recomputed from each record's seqlen_sum, seqlen_sq_sum with the student and teacher (the arguments, else
-    run.json's beside metrics.jsonl), else the records' own `flops` (no sums, or the models not loadable here)."""
+    run.json's beside metrics.jsonl), else the records' own `flops` (no sums, or the models not loadable here).
+    path: the metrics.jsonl, or the run's directory (--out) holding it."""
+    path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: pass the metrics.jsonl that opd.py wrote")
     recs = []
@@ -164,11 +166,13 @@ def from_metrics(path, student=None, teacher=None):
                 for k in ("step", "seqlen_sum", "seqlen_sq_sum", "flops"):
                     if k in r and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))):
                         raise ValueError(f"{path}:{i}: {k} is {r[k]!r}, not a number")
+    if not recs:
+        raise ValueError(f"{path}: no records (the run has not finished a step)")
     if all("step" in r for r in recs):  # a resumed run redid the steps after its checkpoint: keep the last of each
         recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])
     run_file = os.path.join(os.path.dirname(path), "run.json")
     run = {}
-    if os.path.isfile(run_file):
+    if not (student and teacher) and os.path.isfile(run_file):
         run = _read_json(run_file)
         if not isinstance(run, dict):
             raise ValueError(f"{run_file}: not a JSON object; it is opd.py's record of a run's flags")
@@ -181,7 +185,7 @@ def from_metrics(path, student=None, teacher=None):
             source = f"recomputed (student {student}, teacher {teacher})"
         except (ValueError, FileNotFoundError) as e:
             if not has_flops:
-                raise
+                raise type(e)(f"{e}" + (f" (named by {run_file}: pass --student and --teacher)" if run else ""))
             source += f" ({e})"
     elif not has_flops:
         raise ValueError(f"{path}: records lack flops, and seqlen_sum/seqlen_sq_sum with a known student and teacher")
@@ -239,9 +243,10 @@ def implied_length(reported, *row):
 
 def print_paper():
     print(f"Paper vs flops.py. OPD: {PROMPTS} prompts x {SAMPLES} rollouts, teacher {TEACHER}, max {MAX_NEW} new "
-          f"tokens; SeqKD: batch {SEQKD_BATCH}, student update only.\n'ours': every sequence at its cap (prefix L,\n"
-          f"L(step) or {MAX_NEW}); 'implied': the natural length at which ours equals the paper; 'App. E': the\n"
-          "step of the checkpoint the row was tested at (Tables 5 / 6), and paper / ours at that many steps.\n")
+          f"tokens; SeqKD: batch {SEQKD_BATCH}, student update only.\n"
+          f"'ours': every sequence at its cap (prefix L, L(step) or {MAX_NEW}); 'implied': the natural length at "
+          "which ours equals the paper;\n'App. E': the step of the checkpoint the row was tested at (Tables 5 / 6), "
+          "and paper / ours at that many steps.\n")
     print(f"{'':8} {'row':26} {'student':16} {'steps':>5} {'paper':>8} {'ours':>9} {'paper/ours':>10} {'implied':>7} "
           f"{'App. E':>6} {'p/o':>5}")
     ours = {}
@@ -277,10 +282,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", help="built-in name or model dir (default Qwen3-8B-Base, or run.json's)")
     p.add_argument("--teacher", help="built-in name or model dir (default Qwen3-8B, or run.json's)")
-    p.add_argument("--batch-size", type=int, default=PROMPTS, help="prompts per step")
-    p.add_argument("--samples", type=int, default=SAMPLES, help="rollouts per prompt")
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
+    p.add_argument("--batch-size", type=int, help=f"prompts per step (default {PROMPTS})")
+    p.add_argument("--samples", type=int, help=f"rollouts per prompt (default {SAMPLES})")
+    p.add_argument("--steps", type=int, help=f"default {STEPS}")
+    p.add_argument("--max-new-tokens", type=int, help=f"default {MAX_NEW}")
     p.add_argument("--prefix-start", type=int, help="L at step 0 of the --delta schedule (default 1)")
     p.add_argument("--mean-length", type=int, help="natural rollout length: caps every rollout")
     mode = p.add_mutually_exclusive_group(required=True)
@@ -297,6 +302,17 @@ def main(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= {lo} (got {getattr(a, flag)})")
     if a.prefix_start is not None and a.delta is None:
         p.error("--prefix-start only applies to the --delta schedule (L at its step 0)")
+    plan = ("batch_size", "samples", "steps", "max_new_tokens", "mean_length")  # what a run's records hold
+    for mode, unread in (("paper", plan + ("student", "teacher")), ("from_metrics", plan)):
+        given = [f for f in unread if getattr(a, f) is not None]
+        if getattr(a, mode) and given:
+            p.error(f"--{mode.replace('_', '-')} does not read --{given[0].replace('_', '-')}: drop it")
+    a.batch_size, a.samples = a.batch_size or PROMPTS, a.samples or SAMPLES
+    a.steps = STEPS if a.steps is None else a.steps
+    a.max_new_tokens = a.max_new_tokens or MAX_NEW
+    for flag in ("prefix", "prefix_start"):
+        if (getattr(a, flag) or 0) > a.max_new_tokens:
+            p.error(f"--{flag.replace('_', '-')} {getattr(a, flag)} is past --max-new-tokens {a.max_new_tokens}")
     try:
         if a.paper:
             return print_paper()

@@ -137,6 +137,16 @@ class UsageError(Exception):
     """A bad flag or input: reported as one line, before anything is written."""
 
 
+def model_dir_lacks(path) -> str:
+    """What a local directory lacks of a Hugging Face model (config, tokenizer, weights): '' if nothing. Checked
+    up front, where a loader would fail minutes in (a model loads after the other, and after sampling in eval.py)."""
+    files = os.listdir(path)
+    parts = (("config.json", "config.json" in files),
+             ("tokenizer.json", any(f in files for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))),
+             ("*.safetensors weights", any(f.endswith((".safetensors", ".bin")) for f in files)))
+    return ", ".join(what for what, there in parts if not there)
+
+
 def need(ok, msg):
     if not ok:
         raise UsageError(msg)
@@ -150,12 +160,15 @@ def check_config(cfg: Config):
         local = name.startswith(("/", ".")) or name.count("/") > 1
         need(not local or os.path.isdir(name),
              f"{flag} {name}: no such model directory (a local Hugging Face model dir, or a hub id like Qwen/Qwen3-8B)")
+        lacks = os.path.isdir(name) and model_dir_lacks(name)
+        need(not lacks, f"{flag} {name}: not a Hugging Face model directory (no {lacks}); pass one, e.g. a run's "
+             "step_N/")
+    need(cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
     need(cfg.prefix_start >= 1, f"--prefix-start must be >= 1 (got {cfg.prefix_start})")
     need(cfg.untruncated or cfg.prefix_start <= cfg.max_new_tokens, f"--prefix-start {cfg.prefix_start} is past "
          f"--max-new-tokens {cfg.max_new_tokens}: L_train would be capped from the first step; use --full for "
          "whole rollouts")
     need(cfg.delta >= 0, f"--delta must be >= 0 (got {cfg.delta}); 0 keeps the prefix fixed")
-    need(cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
     for name in ("steps", "batch_size", "samples", "micro_batch_tokens", "kl_bin"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     need(0 < cfg.lr < math.inf, f"--lr must be > 0 and finite (got {cfg.lr})")
@@ -237,7 +250,15 @@ def read_rows(path) -> list[dict]:
     """Rows (dicts) of a .jsonl / .json / .parquet / .csv file."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path}: no such file (pass an existing .jsonl/.json/.parquet/.csv file)")
+        raise UsageError(f"{path}: {'a directory' if path.is_dir() else 'no such file'}, not a data file (pass an "
+                         "existing .jsonl/.json/.parquet/.csv file)")
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def _read_rows(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         try:
@@ -280,6 +301,8 @@ def question_of(row: dict, where: str) -> str:
             if isinstance(turn, dict) and turn.get("from", turn.get("role")) in ("human", "user") and \
                     isinstance(turn.get("value", turn.get("content")), str):
                 return turn.get("value", turn.get("content"))
+    if any(key in row for key in ("prompt", "question", "problem", "Problem")):
+        raise UsageError(f"{where}: its prompt/question/problem field is not text")
     raise UsageError(f"{where}: no prompt/question/problem field and no user turn in conversations/messages")
 
 
@@ -302,8 +325,14 @@ def step_prompts(n_questions: int, step: int, batch_size: int, seed: int) -> lis
 
 def load_tokenizers(cfg: Config):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(cfg.student)
-    ttok = AutoTokenizer.from_pretrained(cfg.teacher)
+
+    def load(flag, name):
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except OSError as e:  # a hub id that is not in the cache and not reachable (or a typo'd relative path)
+            raise UsageError(f"{flag} {name}: not a local model directory, and the hub did not give its tokenizer "
+                             f"({str(e).splitlines()[0]})") from None
+    tok, ttok = load("--student", cfg.student), load("--teacher", cfg.teacher)
     # The loss compares logprobs of the same token ids under both models: the vocabularies must be identical.
     if tok.get_vocab() != ttok.get_vocab():
         raise UsageError(f"student {cfg.student} and teacher {cfg.teacher} have different vocabularies; "
@@ -335,10 +364,20 @@ def model_shapes(name) -> "flops.ModelConfig":
                          f"({str(e).splitlines()[0]})") from None
 
 
-def stop_ids(tok) -> list[int]:
-    """Tokens that end a rollout: the tokenizer's eos and the chat template's end of turn. (Qwen3 base models name only
-    <|endoftext|> as eos, but a chat-formatted prompt makes them, and their teacher, end the answer with <|im_end|>.)"""
-    return sorted({tok.eos_token_id, tok.get_vocab().get("<|im_end|>")} - {None})
+def stop_ids(tok, path=None) -> list[int]:
+    """Tokens that end a rollout, in training and in eval.py: the tokenizer's eos, the chat template's end of turn and
+    end of text, and the eos of the model's generation_config.json (at `path`) when it has one. (Qwen3 base models
+    name only <|endoftext|> as eos, but a chat-formatted prompt makes them, and their teacher, end with <|im_end|>.)"""
+    vocab = tok.get_vocab()
+    stop = {tok.eos_token_id} | {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+    if path is not None:
+        from transformers import GenerationConfig
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+            stop |= set(eos if isinstance(eos, list) else [eos])
+        except OSError:  # no generation_config.json
+            pass
+    return sorted(stop - {None})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -931,7 +970,7 @@ def main(argv=None):
 
     kern = kernels.get_impl(impl)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stop = stop_ids(tok)
+    stop = stop_ids(tok, cfg.student)
 
     student = load_model(cfg.student, device, train=True)
     teacher = load_model(cfg.teacher, device, train=False)

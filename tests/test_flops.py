@@ -112,14 +112,22 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
                  ["--full", "--teacher", str(tmp_path)], ["--from-metrics", str(tmp_path / "metrics.jsonl")],
                  ["--full", "--max-new-tokens", "-5"], ["--prefix", "9", "--batch-size", "0"], ["--prefx", "9"],
                  ["--from-metrics", str(tmp_path / "broken.jsonl")], ["--delta", "256", "--prefix-start", "0"],
-                 ["--full", "--prefix-start", "5"]):
+                 ["--full", "--prefix-start", "5"], ["--paper", "--steps", "3"], ["--prefix", "99999"],
+                 ["--from-metrics", str(tmp_path / "empty.jsonl")],
+                 ["--from-metrics", str(tmp_path / "broken.jsonl"), "--batch-size", "7"]):
         (tmp_path / "broken.jsonl").write_text('{"step": 0}\n{"step": \n')
+        (tmp_path / "empty.jsonl").write_text("\n")
         r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("flops.py: error:"), r.stderr
     assert "--max-new-tokens must be >= 1" in cli("--full", "--max-new-tokens", "-5").stderr
     assert "broken.jsonl:2: not valid JSON" in cli("--from-metrics", str(tmp_path / "broken.jsonl")).stderr
     assert "only applies to the --delta schedule" in cli("--full", "--prefix-start", "5").stderr
+    # flags a mode does not read are refused, not ignored; a prefix past the budget is refused, not capped
+    assert "--paper does not read --steps: drop it" in cli("--paper", "--steps", "3").stderr
+    assert "--from-metrics does not read --batch-size" in cli("--from-metrics", "x.jsonl", "--batch-size", "7").stderr
+    assert "--prefix 99999 is past --max-new-tokens 16384" in cli("--prefix", "99999").stderr
+    assert "empty.jsonl: no records" in cli("--from-metrics", str(tmp_path / "empty.jsonl")).stderr
     # malformed files: one line naming the file and the field (were AttributeError / TypeError / ZeroDivisionError)
     cases = [("config.json", "[1, 2]", "--full", "hidden_size is 'missing', not a positive integer"),
              ("config.json", '{"hidden_size": "4096"}', "--full", "hidden_size is '4096', not a positive integer"),
@@ -156,6 +164,8 @@ def test_from_metrics_recomputes_or_falls_back(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"student": "/gone/ckpt", "teacher": "Qwen3-8B"}))
     rows, source = flops.from_metrics(str(tmp_path / "metrics.jsonl"))  # run.json's model not here: fall back
     assert [r[3] for r in rows] == [1.0, 2.0] and "/gone/ckpt" in source
+    rows, _ = flops.from_metrics(tmp_path, "Qwen3-1.7B", "Qwen3-8B")  # the run's directory; models given: run.json
+    assert [r[3] for r in rows] == [flops.opd_flops(s, t, x) for x in steps]  # is not read
     r = cli("--from-metrics", str(tmp_path / "metrics.jsonl"), "--student", "Qwen3-1.7B", "--teacher", "Qwen3-8B")
     total = sum(flops.opd_flops(s, t, x) for x in steps)
     assert r.returncode == 0 and f"total: {total:.3e} FLOPs over 2 steps" in r.stdout, r.stdout + r.stderr
@@ -165,6 +175,11 @@ def test_from_metrics_recomputes_or_falls_back(tmp_path):
     (tmp_path / "run.json").unlink()
     rows, _ = flops.from_metrics(tmp_path / "metrics.jsonl")
     assert [r[3] for r in rows] == [1.0, 5.0]
+    # no flops in the records and run.json's student gone: the error says where the name came from
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({k: v for k, v in recs[0].items() if k != "flops"}) + "\n")
+    (tmp_path / "run.json").write_text(json.dumps({"student": "/gone/ckpt", "teacher": "Qwen3-8B"}))
+    with pytest.raises(ValueError, match=r"unknown model '/gone/ckpt'.*run.json: pass --student and --teacher\)"):
+        flops.from_metrics(tmp_path)
 
 
 def test_cli_plan_and_paper():

