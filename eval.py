@@ -789,20 +789,27 @@ def plot_probe(summary, teacher, lengths, path):
     save(fig, path)
 
 
-def plot_kl(kl, width, teacher, path):
+def plot_kl(kl, width, teacher, path, few=32):
     """Fig. 5: the sampled-token reverse KL to the teacher by position in the response, a line per row; below it
-    how many sampled tokens each bin averages (few tokens: a noisy point)."""
+    how many sampled tokens each bin averages. Bins of fewer than `few` tokens (the tail that one or two long
+    samples reach) are drawn faint: their mean is a handful of tokens' noise."""
     fig, (ax, an) = subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=(2, 1))
+    solid = [0.0]
     for row, k in kl.items():
         pts = [((i + 0.5) * width, v, n) for i, (v, n) in enumerate(zip(k["kl_by_pos"], k["tokens_by_pos"])) if n]
         if pts:
             x, v, n = zip(*pts)
-            line = ax.plot(x, v, "o-", ms=3, label=row)[0]
-            an.plot(x, n, "-", color=line.get_color())
+            solid += [y for y, m in zip(v, n) if m >= few]
+            color = ax.plot(x, v, "-", lw=1, alpha=0.3)[0].get_color()
+            ax.plot(x, [y if m >= few else math.nan for y, m in zip(v, n)], "o-", ms=3, color=color, label=row)
+            an.plot(x, n, "-", color=color)
     ax.axhline(0, color="gray", lw=0.5)
-    ax.set(ylabel="sampled-token reverse KL", title=f"KL to {teacher} by position")
+    pad = 0.08 * (max(solid) - min(solid)) or 0.01  # the scale of the solid points: a faint tail may leave the plot
+    ax.set(ylabel="sampled-token reverse KL", title=f"KL to {teacher} by position",
+           ylim=(min(solid) - pad, max(solid) + pad))
     ax.legend(fontsize=7)
-    an.set(xlabel="position in response (tokens)", ylabel="tokens per bin", yscale="log")
+    an.axhline(few, color="gray", lw=0.5, ls=":")
+    an.set(xlabel="position in response (tokens)", ylabel=f"tokens per bin (faint: < {few})", yscale="log")
     save(fig, path)
 
 
@@ -821,7 +828,7 @@ def plot_compute(summary, trained, cols, path):
                 ax.axhline(summary[r][col][0], ls="--", lw=1, color="gray")
                 ax.annotate(r, (0, summary[r][col][0]), xycoords=("axes fraction", "data"), fontsize=7,
                             va="bottom", color="gray")
-        ax.set(xscale="log", xlabel="training FLOPs (Appendix B)", ylabel="mean acc@k (%)", title=col, ylim=(0, None))
+        ax.set(xscale="log", xlabel="training FLOPs (Appendix B)", ylabel="mean acc@k (%)", title=col, ylim=(0, 106))
         ax.legend(fontsize=7)
     save(fig, path)
 

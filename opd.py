@@ -876,8 +876,9 @@ def plot_run(out: Path, kl_bin: int):
         recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])  # a resumed run redid some
         step = [r["step"] + 1 for r in recs]
         fig, ax = plt.subplots(1, 4, figsize=(20, 4))
-        ax[0].plot(step, [r["kl"] for r in recs], label="KL, trained tokens")
-        ax[0].plot(step, [r["kl_all"] for r in recs], label="KL, all sampled tokens")
+        # wide under dashed: in prefix and full OPD every sampled token is trained, and the two lines coincide
+        ax[0].plot(step, [r["kl"] for r in recs], lw=3, alpha=0.5, label="KL, trained tokens")
+        ax[0].plot(step, [r["kl_all"] for r in recs], "--", label="KL, all sampled tokens")
         ax[0].set(xlabel="step", ylabel="sampled-token reverse KL")
         ax[0].legend(loc="upper left")
         ax[0].twinx().plot(step, [r["L"] for r in recs], "k:")[0].axes.set_ylabel("L_train (dotted)")
