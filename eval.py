@@ -706,7 +706,8 @@ def main(argv=None):
     if args.teacher_prefix:
         s, t = prefix_probe(args.model, args.teacher_prefix, items, args)
         samples = [dict(x, row=f"{names[x['model']]} · {title(x)}", col=f"L={x['prefix']}") for x in s]
-        teacher = [dict(x, row=f"teacher {names[x['model']]}", col=title(x)) for x in t]
+        n = names[args.teacher_prefix]  # "teacher Qwen3-8B", but not "teacher teacher"
+        teacher = [dict(x, row=n if "teacher" in n.lower() else f"teacher {n}", col=title(x)) for x in t]
     else:
         first = [it for it in items if it["benchmark"] == args.dev] if args.dev else items
         for m in args.model:

@@ -340,7 +340,7 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
     assert (out / "prefix_probe.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "table.md").read_text()
     assert table.startswith("| student · benchmark | L=0 | L=8 | L=1000 |\n|---|---|---|---|\n| student · embedded | ")
-    assert "| teacher (1 solution per question) | embedded |\n|---|---|\n| teacher teacher | " in table
+    assert "| teacher (1 solution per question) | embedded |\n|---|---|\n| teacher | " in table
     assert [x["model"] for x in res["teacher_samples"]] == [str(embedded.TEACHER_DIR)] * 4
 
 
