@@ -140,11 +140,25 @@ class UsageError(Exception):
 def model_dir_lacks(path) -> str:
     """What a local directory lacks of a Hugging Face model (config, tokenizer, weights): '' if nothing. Checked
     up front, where a loader would fail minutes in (a model loads after the other, and after sampling in eval.py)."""
-    files = os.listdir(path)
+    files = sorted(os.listdir(path))
+    cut = next((f for f in files if f.endswith(".safetensors") and not _safetensors_whole(os.path.join(path, f))), None)
     parts = (("config.json", "config.json" in files),
              ("tokenizer.json", any(f in files for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))),
-             ("*.safetensors weights", any(f.endswith((".safetensors", ".bin")) for f in files)))
+             ("*.safetensors weights", any(f.endswith((".safetensors", ".bin")) for f in files)),
+             (f"whole {cut}: it is cut off, or not safetensors", cut is None))
     return ", ".join(what for what, there in parts if not there)
+
+
+def _safetensors_whole(file) -> bool:
+    """The file's header reads and its tensors end where the file does (a copy cut short fails; reads ~KBs)."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 100 << 20 else None
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end == os.path.getsize(file)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
 
 
 def need(ok, msg):

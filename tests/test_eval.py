@@ -373,8 +373,9 @@ def test_teacher_prefix_probe_end_to_end_hf(tmp_path):
 def test_bad_inputs_one_clear_line(tmp_path, argv, needle):
     ckpt = tmp_path / "ckpt"  # passes the checkpoint check; nothing gets far enough to load it
     ckpt.mkdir()
-    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+    for f in ("config.json", "tokenizer.json"):
         (ckpt / f).write_text("{}")
+    (ckpt / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # no tensors, but whole
     out = tmp_path / "out"
     (tmp_path / "FILE").write_text("")
     if "--out" in argv:

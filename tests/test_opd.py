@@ -163,6 +163,9 @@ def bad_inputs(tmp_path):
     latin1.write_bytes("question\nqu'est-ce que \xe9t\xe9\n".encode("latin-1"))
     no_weights = tmp_path / "no-weights"  # e.g. a run's --out, or a copy that lost its *.safetensors
     shutil.copytree(embedded.STUDENT_DIR, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    cut = tmp_path / "cut-weights"  # a copy that stopped half way
+    shutil.copytree(embedded.STUDENT_DIR, cut)
+    (cut / "model.safetensors").write_bytes((embedded.STUDENT_DIR / "model.safetensors").read_bytes()[:100_000])
     qwen = tmp_path / "qwen-tokenizer"  # a teacher with another vocabulary: the real Qwen3 tokenizer
     shutil.copytree(embedded.TEACHER_DIR, qwen, ignore=shutil.ignore_patterns("tokenizer*", "chat_template.jinja"))
     shutil.copytree(QWEN_TOKENIZER, qwen, dirs_exist_ok=True)
@@ -184,6 +187,8 @@ def bad_inputs(tmp_path):
         (models + ["--data", str(tmp_path)], "a directory, not a data file"),
         (["--student", str(no_weights), "--teacher", str(embedded.TEACHER_DIR), "--data", str(embedded.TRAIN_FILE)],
          "not a Hugging Face model directory (no *.safetensors weights)"),  # else a traceback after --out is made
+        (["--student", str(embedded.STUDENT_DIR), "--teacher", str(cut), "--data", str(embedded.TRAIN_FILE)],
+         "(no whole model.safetensors: it is cut off, or not safetensors)"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),  # not that the preset's --prefix-start is past it
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(other_tok), "--data", str(embedded.TRAIN_FILE)],
          "render prompts differently"),
