@@ -1,7 +1,7 @@
 """Whole-model step with each loss head: what the fused kernels buy inside a real student/teacher step.
 
     python -m kernels.bench_step                 # on a GPU: Qwen3-1.7B-shaped student, Qwen3-8B-shaped teacher
-    python -m kernels.bench_step --tiny          # CPU smoke test with a toy shape
+    python -m kernels.bench_step --tiny          # CPU smoke test: the embedded task's shapes, Triton interpreted
 
 Random-init HF transformers models (sdpa, bf16), one sequence of --tokens tokens. Rows:
   student fwd+bwd: naive (HF logits → log_softmax → gather), torch reference (chunked), triton (fused), and the
@@ -13,6 +13,7 @@ import argparse
 import csv
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -22,18 +23,18 @@ import kernels
 from kernels.bench import fail
 
 
-def qwen3(name, device, layers=None):
+def qwen3(c, device):
+    """A random-init bf16 Qwen3 of shapes c (a flops.ModelConfig)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    c = flops.MODELS[name]
     cfg = Qwen3Config(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_hidden_layers=layers or c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                       num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, vocab_size=c.vocab_size,
                       tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=1 << 17,
                       attn_implementation="sdpa")
     with torch.device(device):
         model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
     model.config.use_cache = False
-    return model, flops.load_config(name)._replace(num_hidden_layers=cfg.num_hidden_layers)
+    return model
 
 
 def head(mode, model, ids, coef):
@@ -78,16 +79,22 @@ def main():
     if device.type != "cuda" and not args.tiny:
         fail("no GPU here: run with --tiny (CPU smoke test) or on a CUDA machine", "kernels.bench_step")
     if args.tiny:
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # before triton's first import
+            os.execve(sys.executable, [sys.executable, "-m", "kernels.bench_step", *sys.argv[1:]],
+                      {**os.environ, "TRITON_INTERPRET": "1"})
         args.tokens, args.iters = 64, 1
-    modes = ["naive", "torch", "triton", "backbone"] if device.type == "cuda" else ["naive", "torch", "backbone"]
+    import embedded
+    models = ((("student", "embedded", flops.load_config(embedded.STUDENT_DIR)),
+               ("teacher", "embedded", flops.load_config(embedded.TEACHER_DIR))) if args.tiny else
+              (("student", "Qwen3-1.7B", flops.MODELS["Qwen3-1.7B"]), ("teacher", "Qwen3-8B", flops.MODELS["Qwen3-8B"])))
     rows = []
-    for role, name in (("student", "Qwen3-1.7B"), ("teacher", "Qwen3-8B")):
-        model, cfg = qwen3(name, device, layers=1 if args.tiny else None)
+    for role, name, shapes in models:
+        model, cfg = qwen3(shapes, device), shapes
         model.requires_grad_(role == "student")  # no activation checkpointing, as in the trainer anchors it is compared with
         ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), device=device)
         coef = torch.randn(args.tokens - 1, device=device)
         work = flops.train_flops(cfg, [args.tokens]) if role == "student" else flops.fwd_flops(cfg, [args.tokens])
-        for mode in modes:
+        for mode in ("naive", "torch", "triton", "backbone"):
             def step():
                 if role == "teacher":
                     with torch.no_grad():

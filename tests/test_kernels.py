@@ -564,6 +564,19 @@ def test_bench_tiny_runs(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 10_000 and "Targets (issue 3)" in r.stdout
 
 
+def test_bench_step_tiny_runs_every_head(tmp_path):
+    """kernels.bench_step end to end on CPU: the embedded task's shapes, each loss head (the fused one interpreted)
+    timed inside a whole student step and teacher forward, for the same reason as the bench above."""
+    r = subprocess.run([sys.executable, "-m", "kernels.bench_step", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "step.csv")))
+    assert [(x["role"], x["mode"]) for x in rows] == [(role, mode) for role in ("student", "teacher")
+                                                      for mode in ("naive", "torch", "triton", "backbone")]
+    assert all(0 < float(x["seconds"]) < math.inf for x in rows), rows
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_empty_and_all_masked(impl):
     tl_fn, opd_fn = kernels.get_impl(impl)
