@@ -44,6 +44,14 @@ def fail(msg, prog="kernels.bench"):
     sys.exit(2)
 
 
+def interpret_on_cpu(module):
+    """Rerun `python -m module` with TRITON_INTERPRET=1 unless it is set: Triton reads it at its first import, so it
+    cannot be set from inside a process that has imported it (the CPU smoke tests)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
+
+
 def parse():
     p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -560,9 +568,7 @@ def main():
             fail("no GPU here: run with --tiny (CPU smoke test) or on a CUDA machine")
         if args.diagnose:
             fail("--diagnose times CUDA kernels: run it on a GPU")
-        if os.environ.get("TRITON_INTERPRET") != "1":  # triton must see it before its first import
-            os.execve(sys.executable, [sys.executable, "-m", "kernels.bench", *sys.argv[1:]],
-                      {**os.environ, "TRITON_INTERPRET": "1"})
+        interpret_on_cpu("kernels.bench")
     os.makedirs(args.out, exist_ok=True)
     if args.diagnose:
         return diagnose(151936, (2048, 4096), 16384, dev, args.out, sweeps=False, vs=args.vs and load_vs(args.vs))

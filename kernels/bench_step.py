@@ -13,14 +13,13 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 import flops
 import kernels
-from kernels.bench import fail
+from kernels.bench import fail, interpret_on_cpu
 
 
 def qwen3(c, device):
@@ -79,17 +78,16 @@ def main():
     if device.type != "cuda" and not args.tiny:
         fail("no GPU here: run with --tiny (CPU smoke test) or on a CUDA machine", "kernels.bench_step")
     if args.tiny:
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # before triton's first import
-            os.execve(sys.executable, [sys.executable, "-m", "kernels.bench_step", *sys.argv[1:]],
-                      {**os.environ, "TRITON_INTERPRET": "1"})
+        if device.type == "cpu":
+            interpret_on_cpu("kernels.bench_step")
         args.tokens, args.iters = 64, 1
     import embedded
     models = ((("student", "embedded", flops.load_config(embedded.STUDENT_DIR)),
                ("teacher", "embedded", flops.load_config(embedded.TEACHER_DIR))) if args.tiny else
               (("student", "Qwen3-1.7B", flops.MODELS["Qwen3-1.7B"]), ("teacher", "Qwen3-8B", flops.MODELS["Qwen3-8B"])))
     rows = []
-    for role, name, shapes in models:
-        model, cfg = qwen3(shapes, device), shapes
+    for role, name, cfg in models:
+        model = qwen3(cfg, device)
         model.requires_grad_(role == "student")  # no activation checkpointing, as in the trainer anchors it is compared with
         ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), device=device)
         coef = torch.randn(args.tokens - 1, device=device)
