@@ -106,9 +106,7 @@ def parse_args(argv=None) -> Config:
                                 allow_abbrev=False, argument_default=argparse.SUPPRESS,
                                 epilog="With no --student/--teacher/--data: the embedded default, which also sets "
                                 + ", ".join(f"{k}={v}" for k, v in EMBEDDED.items()))
-    # one line, from one rank (parse errors come before torch.distributed is up)
-    p.error = lambda msg: (os.environ.get("RANK", "0") == "0" and print(f"opd.py: error: {msg} (see --help)",
-                                                                         file=sys.stderr), sys.exit(2))
+    p.error = lambda msg: usage_exit(f"{msg} (see --help)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
@@ -131,6 +129,18 @@ def parse_args(argv=None) -> Config:
     if "heldout" in typed and not given.get("eval_n"):  # typed, and not graded (the preset's count counts)
         p.error("--heldout FILE is graded only with --eval-n N (how many of its questions)")
     return Config(**given)
+
+
+def usage_exit(msg):
+    """A bad command line or input: one line from one rank, exit 2. Under torchrun the line also goes to the error
+    file torchrun reads, so its failure report ends with it rather than with a link to its docs."""
+    line = f"opd.py: error: {msg}"
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the layout torchrun's @record writes (its py_callstack shown)
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+    sys.exit(2)
 
 
 class UsageError(Exception):
@@ -979,9 +989,8 @@ def main(argv=None):
         except OSError as e:
             raise UsageError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
     except (UsageError, ValueError, OSError) as e:
-        log0(f"opd.py: error: {e}")
         dist.destroy_process_group()
-        sys.exit(2)
+        usage_exit(e)
 
     kern = kernels.get_impl(impl)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -52,15 +52,15 @@ def head(mode, model, ids, coef):
 
 
 def timed(fn, iters, device):
-    times = []
-    for i in range(iters + 2):
+    times, warm = [], 2 if device.type == "cuda" else 0  # two warm-ups: Triton compiles, cuBLAS picks algorithms
+    for i in range(iters + warm):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= 2:  # two warm-ups: Triton compiles, cuBLAS picks algorithms
+        if i >= warm:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 

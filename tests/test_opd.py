@@ -518,8 +518,18 @@ def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(ROOT / "opd.py"), "--impl", "triton", "--out", str(tmp_path / "x")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 2 and "--impl triton cannot run on cpu" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 2 and "--impl triton cannot run on cpu" in run.stderr, run.stdout + run.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_torchrun_failure_report_ends_with_the_usage_line(tmp_path):
+    """torchrun's own report of a failed run closes each rank's entry with what that rank wrote to its error file:
+    the one usage line, not a link to torchrun's docs; and the line itself is printed once (rank 0)."""
+    proc = torchrun(["--delta", "-3"], tmp_path / "out")
+    log, _ = proc.communicate(timeout=120)
+    line = "opd.py: error: --delta must be >= 0 (got -3); 0 keeps the prefix fixed"
+    assert proc.returncode != 0 and log.count(f"traceback : {line}") == 2, log
+    assert log.count(line) == 3 and "new message format" not in log and not (tmp_path / "out").exists(), log
 
 
 @pytest.mark.parametrize("temperature,in_turns", [(1.0, False), (0.5, True)])
