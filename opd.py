@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 import flops
 
@@ -952,6 +953,7 @@ def heldout_accuracy(sampler, tok, rows, cfg, k, device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+@record  # under torchrun, a crash's traceback (and the rank it hit first) closes torchrun's failure report
 def main(argv=None):
     cfg = parse_args(argv)
     rank, world, device = init_dist()

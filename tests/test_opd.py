@@ -522,14 +522,25 @@ def test_triton_kernels_in_the_training_loop_match_torch(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_torchrun_failure_report_ends_with_the_usage_line(tmp_path):
-    """torchrun's own report of a failed run closes each rank's entry with what that rank wrote to its error file:
-    the one usage line, not a link to torchrun's docs; and the line itself is printed once (rank 0)."""
+def test_torchrun_failure_report_ends_with_what_went_wrong(tmp_path):
+    """torchrun's own report of a failed run closes each rank's entry with that rank's error file: the one usage
+    line of a bad command (printed once itself, by rank 0), and a crash's traceback (opd.main is @record'ed), not a
+    link to torchrun's docs."""
     proc = torchrun(["--delta", "-3"], tmp_path / "out")
     log, _ = proc.communicate(timeout=120)
     line = "opd.py: error: --delta must be >= 0 (got -3); 0 keeps the prefix fixed"
     assert proc.returncode != 0 and log.count(f"traceback : {line}") == 2, log
     assert log.count(line) == 3 and "new message format" not in log and not (tmp_path / "out").exists(), log
+    bad = tmp_path / "bad-student"  # weights that do not fit their config: transformers raises at load time
+    shutil.copytree(embedded.STUDENT_DIR, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(config, intermediate_size=config["intermediate_size"] + 8)))
+    proc = torchrun(["--student", str(bad), "--teacher", str(embedded.TEACHER_DIR), "--data", str(embedded.TRAIN_FILE),
+                     "--max-new-tokens", "64"], tmp_path / "crash")
+    log, _ = proc.communicate(timeout=120)
+    report = log[log.index("Root Cause"):]
+    assert proc.returncode != 0 and "traceback : Traceback" in report and "in load_model" in report, log
+    assert "RuntimeError: You set `ignore_mismatched_sizes`" in report, log
 
 
 @pytest.mark.parametrize("temperature,in_turns", [(1.0, False), (0.5, True)])
