@@ -755,7 +755,7 @@ def train_step(cfg, student, teacher, kernels, seqs, logp_sampler, scale, pad_id
         loss, st = forward(student, batch, pad_id, device, opd_loss, lp_s, lp_t, mask, scale, TEMPERATURE)
         loss.backward()
         if g:  # st already holds logp, entropy, ratio and kl per token
-            stats.append(dict(st, logp_sampler=lp_s, mask=mask,
+            stats.append(dict(st, loss=loss.detach(), logp_sampler=lp_s, mask=mask,
                               pos=torch.cat([torch.arange(len(seqs[i][1])) for i in g]).to(device)))
     return stats, t_teacher, time.perf_counter() - t0 - t_teacher
 
@@ -1054,8 +1054,7 @@ def main(argv=None):
                                                  [lp for _, lp in seqs_kept], scale, pad_id, device, n_micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss = all_reduce([sum((s["mask"] * s["ratio"] * s["kl"]).sum().item() for s in stats)], device)[0]
-        loss /= cfg.batch_size * cfg.samples
+        loss = all_reduce([sum(s["loss"].item() for s in stats)], device)[0] / world  # what was differentiated
         if math.isfinite(loss) and torch.isfinite(grad_norm):
             optimizer.step()
         else:  # one bad batch must not poison the weights
