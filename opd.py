@@ -581,11 +581,15 @@ class VLLMSampler:
     def generate(self, prompt_ids, n, max_tokens, seed):
         from vllm import SamplingParams
         # One seed per prompt (vLLM gives the n samples seed+0..n-1): reproducible rollouts, also after a resume.
+        # Token ids and flat logprob lists only: no text, no dict per token. The engine runs in this process, so
+        # its per-token output work (detokenizing, a Logprob dict per token) would sit between decode steps.
         sps = [SamplingParams(n=n, temperature=TEMPERATURE, top_p=1.0, top_k=0, max_tokens=max_tokens, logprobs=0,
-                              stop_token_ids=self.stop, seed=seed + i * n) for i in range(len(prompt_ids))]
+                              stop_token_ids=self.stop, seed=seed + i * n, detokenize=False, flat_logprobs=True)
+               for i in range(len(prompt_ids))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sps, use_tqdm=False)
-        rollouts = [(list(o.token_ids), [next(iter(d.values())).logprob for d in o.logprobs], o.finish_reason == "length")
-                    for out in outs for o in out.outputs]
+        # each position's entries start with the sampled token's (logprobs=0 adds no others)
+        rollouts = [(list(o.token_ids), [o.logprobs.logprobs[i] for i in o.logprobs.start_indices],
+                     o.finish_reason == "length") for out in outs for o in out.outputs]
         if self.cuda:
             self.llm.sleep(level=2)  # free weights and KV cache for training; the next sync reloads the weights
         return rollouts
