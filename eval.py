@@ -360,7 +360,8 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     extra = {} if torch.cuda.is_available() else dict(kv_cache_memory_bytes=int(args.cpu_kv_cache_gb * 2**30),
                                                        enforce_eager=True)
     llm = LLM(model=path, dtype=args.dtype, seed=args.seed, max_model_len=max_model_len, **extra)
-    params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=m, stop_token_ids=eos)
+    params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=m, stop_token_ids=eos,
+                             detokenize=False)  # token ids are all we keep: no text to build per token
               for n, m in zip(ns, max_tokens)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=not args.quiet)
     del llm  # free the engine before the next checkpoint loads

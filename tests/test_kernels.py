@@ -168,7 +168,9 @@ def test_opd_loss_vs_fp64(N, V, H, dtype, temp, chunk, epi, mask_kind):
     h, w, y = make(N, V, H, dtype, seed=1)
     with torch.no_grad():
         lp_true, _ = ref.token_logprobs_ref(h, w, y, temp)
-    ls = (lp_true + 0.05 * torch.randn(N, device=DEV)).clamp(max=0)  # sampler: close to the trainer
+    # sampler: up to 1 nat either side of the trainer (ratios 0.37-2.7, as after a few off-policy updates), so that a
+    # ratio inverted, clipped or dropped in one implementation shows, not only where ratio ~ 1
+    ls = (lp_true + 2 * torch.rand(N, device=DEV) - 1).clamp(max=0)
     lt = ls - 0.5 * torch.rand(N, device=DEV)  # teacher
     random = (torch.rand(N) < 0.6) * torch.where(torch.rand(N) < 0.5, 1.0, 0.5)  # 0/1 masks, also weights
     mask = {"ones": torch.ones(N), "zeros": torch.zeros(N), "random": random}[mask_kind]
