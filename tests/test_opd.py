@@ -325,6 +325,27 @@ print(f"rank {rank} ok", flush=True)  # one write: the two ranks share the pipe
     assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
 
 
+def test_a_check_failing_on_one_rank_stops_every_rank(tmp_path):
+    """A path that one node lacks fails the up-front checks there only: every rank must still exit at that point,
+    rank 0 saying which rank failed and why (before, rank 0 went on loading models into its first collective, where
+    NCCL waits out its timeout; on one node torchrun stops it sooner, but without a word from it)."""
+    script = tmp_path / "one_rank_bad.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import opd, embedded
+bad = {str(tmp_path / "only-on-node-0.jsonl")!r}
+opd.main(["--student", str(embedded.STUDENT_DIR), "--teacher", str(embedded.TEACHER_DIR), "--max-new-tokens", "64",
+          "--data", str(embedded.TRAIN_FILE) if os.environ["RANK"] == "0" else bad, "--out", {str(tmp_path / "out")!r}])
+""")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + os.getpid() % 90), str(script)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = run.stdout + run.stderr
+    line = f"opd.py: error: rank 1: {tmp_path / 'only-on-node-0.jsonl'}: no such file, not a data file"
+    assert run.returncode != 0 and sum(x.startswith(line) for x in log.splitlines()) == 1, log  # rank 0 said it, once
+
+
 def test_two_ranks_load_the_checkpoint_exactly(tmp_path):
     """Rank 0 reads the weights, rank 1 builds on the meta device; after sharding and the broadcast, the full weights
     (and buffers such as rotary inv_freq) on every rank equal the files'."""
@@ -648,6 +669,10 @@ def test_vllm_sampler_forgets_cached_prefixes_after_a_weight_sync(tmp_path, monk
         # j of a prompt with seed + j), which is what sampling_seed's per-rank index blocks rely on
         pairs = [t for t, _, _ in sampler.generate([prompts[0]] * 3, 2, 24, seed=5)]
         singles = [t for t, _, _ in sampler.generate([prompts[0]] * 6, 1, 24, seed=5)]
+        # a sync whose names miss some of vLLM's parameters (which vLLM itself only logs) is refused
+        with pytest.raises(RuntimeError, match=r"2 of the sampler's parameters got no weights from the student \(e\.g\. "
+                           r"model\.layers\.1\.mlp\.down_proj\.weight, model\.layers\.1\.mlp\.gate_up_proj"):
+            sampler.load_weights([{k: v for k, v in new.items() if "layers.1.mlp" not in k}])
     finally:
         sampler.close()
         if dist.is_initialized():
