@@ -488,8 +488,9 @@ def full_weights(model, dtype, bucket_bytes=256 << 20):
     """
     bucket, size = {}, 0
     for name, p in model.hf.named_parameters():  # tied weights appear once, as HF checkpoints store them
-        t = p.full_tensor() if hasattr(p, "full_tensor") else p
-        bucket[name] = t.detach().to(dtype)
+        t = p.detach().to(dtype)  # cast the shard, then gather: fp32 master weights would move twice the bytes
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        bucket[name] = t
         size += t.numel() * t.element_size()
         if size >= bucket_bytes:
             yield bucket
