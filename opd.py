@@ -1025,6 +1025,12 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.sampler == "vllm":
         sampler = VLLMSampler(cfg.student, cfg, max_len, rank, stop)
+        cache = sampler.llm.llm_engine.vllm_config.cache_config
+        kv, per_rank = cache.num_gpu_blocks * cache.block_size, cfg.batch_size // world * cfg.samples
+        # a rollout that does not fit waits for another to finish: late prefix steps and full OPD sample in waves
+        log0(f"sampler: a KV cache of {kv} tokens per rank holds {kv // max_len} rollouts at full length "
+             f"({max_len} tokens) at once, of the {per_rank} each rank samples per step"
+             + (" (--vllm-memory sets it)" if device.type == "cuda" and kv // max_len < per_rank else ""))
     else:
         sampler = HFSampler(cfg.student, device, pad_id, stop)
     start, skipped, flops_total = 0, 0, 0.0

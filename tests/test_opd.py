@@ -487,6 +487,8 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path, world_of_one):
     c = opd.Config(prefix_start=3, delta=5, max_new_tokens=16384)
     assert f"resumed from {done}: step {saved}, L_train {opd.schedule(c, saved)}" in log
     assert "written by 2 ranks, resumed on 1" in log
+    assert re.search(r"sampler: a KV cache of \d+ tokens per rank holds \d+ rollouts at full length \(\d+ tokens\) at "
+                     r"once, of the 8 each rank samples per step\n", log), log
     # the held-out numbers from before training survive the kill: written right after they were measured
     acc = json.loads((out / "heldout.json").read_text())
     assert set(acc) == {"teacher", "student_before", "student_after"}
