@@ -139,8 +139,8 @@ def usage_exit(msg):
     if os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the layout torchrun's @record writes (its py_callstack shown)
-        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
-        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+        info = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": info}))
     sys.exit(2)
 
 
