@@ -356,6 +356,10 @@ def cut_eos(ids, eos):
 def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     import torch
     from vllm import LLM, SamplingParams
+    # vLLM forks its engine process unless told otherwise, and a fork cannot use CUDA once the parent has asked it
+    # anything (torch.cuda.is_available() below, or a scoring model before): "Cannot re-initialize CUDA in forked
+    # subprocess". eval.py's entry point is __main__-guarded, so spawn is safe.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     # on CPU: a bounded KV cache (vLLM takes ~18 GB otherwise) and no torch.compile warmup (~40 s per engine)
     extra = {} if torch.cuda.is_available() else dict(kv_cache_memory_bytes=int(args.cpu_kv_cache_gb * 2**30),
                                                        enforce_eager=True)
@@ -364,7 +368,8 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
                              detokenize=False)  # token ids are all we keep: no text to build per token
               for n, m in zip(ns, max_tokens)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=not args.quiet)
-    del llm  # free the engine before the next checkpoint loads
+    llm.llm_engine.engine_core.shutdown()  # its memory back now, not when the collector gets to it: the next
+    del llm  # checkpoint's engine checks for free GPU memory at start
     gc.collect()
     return [[(list(c.token_ids), c.finish_reason != "length") for c in o.outputs] for o in outs]
 

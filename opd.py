@@ -419,7 +419,7 @@ class LogProbs(torch.nn.Module):
         self.hf = hf
 
     def forward(self, input_ids, rows, cols, fn, *args, **kwargs):
-        hidden = self.hf.model(input_ids=input_ids).last_hidden_state
+        hidden = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state  # scored once: no KV cache
         weight = self.hf.lm_head.weight
         out = fn(hidden[rows, cols], weight, input_ids[rows, cols + 1], *args, **kwargs)
         if torch.is_grad_enabled():
