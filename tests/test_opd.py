@@ -363,6 +363,9 @@ for path, train in ((embedded.STUDENT_DIR, True), (embedded.TEACHER_DIR, False))
     got = {{k: v for b in opd.full_weights(model, torch.float32) for k, v in b.items()}}
     assert set(want) <= set(got), set(want) - set(got)
     assert all(torch.equal(got[k], want[k].float()) for k in want), [k for k in want if not torch.equal(got[k], want[k].float())]
+    # the GPU sampler's sync: shards cast to bf16, then gathered
+    got16 = {{k: v for b in opd.full_weights(model, torch.bfloat16) for k, v in b.items()}}
+    assert all(got16[k].dtype == torch.bfloat16 and torch.equal(got16[k], want[k].bfloat16()) for k in want)
     ref = AutoModelForCausalLM.from_pretrained(path)
     for k, b in model.hf.named_buffers():
         assert torch.equal(b, dict(ref.named_buffers())[k]), k
