@@ -561,6 +561,8 @@ class VLLMSampler:
             # CPU generator cannot do (RuntimeError: CPU Generator does not use offset)
             kw.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True, enable_chunked_prefill=False)
         self.llm, self.stop = LLM(**kw), stop
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        self.kv_tokens = cache.num_gpu_blocks * cache.block_size  # rollout tokens its KV cache holds at once
         if self.cuda:  # asleep until the first load_weights: the memory is the trainer's (and the teacher grading's)
             self.llm.sleep(level=2)
 
@@ -1025,12 +1027,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.sampler == "vllm":
         sampler = VLLMSampler(cfg.student, cfg, max_len, rank, stop)
-        cache = sampler.llm.llm_engine.vllm_config.cache_config
-        kv, per_rank = cache.num_gpu_blocks * cache.block_size, cfg.batch_size // world * cfg.samples
+        fits, per_rank = sampler.kv_tokens // max_len, cfg.batch_size // world * cfg.samples
         # a rollout that does not fit waits for another to finish: late prefix steps and full OPD sample in waves
-        log0(f"sampler: a KV cache of {kv} tokens per rank holds {kv // max_len} rollouts at full length "
+        log0(f"sampler: a KV cache of {sampler.kv_tokens} tokens per rank holds {fits} rollouts at full length "
              f"({max_len} tokens) at once, of the {per_rank} each rank samples per step"
-             + (" (--vllm-memory sets it)" if device.type == "cuda" and kv // max_len < per_rank else ""))
+             + (" (--vllm-memory sets it)" if device.type == "cuda" and fits < per_rank else ""))
     else:
         sampler = HFSampler(cfg.student, device, pad_id, stop)
     start, skipped, flops_total = 0, 0, 0.0
