@@ -5,7 +5,7 @@
 # Then the whole-model step benchmark (kernels/bench_step.py) and a short training run of opd.py on the GPU
 # (embedded default, HF sampler: the vLLM CUDA wheel does not travel there).
 # Then eval.py on the GPU (embedded student and opd.py's checkpoint, HF sampler, 32 questions, KL to the teacher).
-# Each step is cut off by its own timeout (150 + 420 + 100 + 70 + 90 s): with a 10-minute limit per call, pick steps
+# Each step is cut off by its own timeout (150 + 540 + 100 + 70 + 90 s): with a 10-minute limit per call, pick steps
 # with ONLY.
 # Optional: ONLY="tests bench step opd eval" (any subset) runs only those steps.
 # Optional: a folder .whl/ of wheels (liger-kernel, cut-cross-entropy, pytest-xdist + execnet, ...) is installed first.
@@ -49,9 +49,9 @@ fi
 if want bench; then
     log "2/5 python -m kernels.bench (quick) -> $OUT"
     VS="${VS:-$(ls .gpu_prev/fused.py 2>/dev/null)}"
-    timeout 420 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
+    timeout 540 $PY -m kernels.bench --out "$OUT" ${VS:+--vs "$VS"} 2>&1 | tee "$OUT/bench.log"
     bench_rc=$?
-    [ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 420 s"
+    [ $bench_rc -eq 124 ] && log "ERROR: bench timed out after 540 s"
 fi
 
 if want step; then
