@@ -539,7 +539,10 @@ def _vllm_finish(worker) -> list[str]:
 
 def quiet_vllm():
     """vLLM logs at INFO per engine and per weight; keep errors only (VLLM_LOGGING_LEVEL=INFO brings them back)."""
+    import logging
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM-CPU says at import, before its log level applies, that Triton has no CPU backend (as expected here)
+    logging.getLogger("vllm.triton_utils.importing").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     # vLLM-CPU 0.32 walks every loaded module's attributes at start-up, tripping torch's deprecation of this one: here
     # and in the engine processes it spawns (they read PYTHONWARNINGS)
     msg = "`torch.distributed.reduce_op` is deprecated"
