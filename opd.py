@@ -933,7 +933,7 @@ def plot_run(out: Path, kl_bin: int):
         ax[0].plot(step, [r["kl"] for r in recs], lw=3, alpha=0.5, label="KL, trained tokens")
         ax[0].plot(step, [r["kl_all"] for r in recs], "--", label="KL, all sampled tokens")
         ax[0].set(xlabel="step", ylabel="sampled-token reverse KL")
-        ax[0].legend(loc="upper left")
+        ax[0].legend(loc="upper center")
         ax[0].twinx().plot(step, [r["L"] for r in recs], "k:")[0].axes.set_ylabel("L_train (dotted)")
         for i in sorted({0, len(recs) // 2, len(recs) - 1}):
             kl = [math.nan if v is None else v for v in recs[i]["kl_by_pos"]]  # None: no token in that bin
