@@ -20,6 +20,7 @@ F_fwd = F_train / 3 is the paper's rule of thumb. F_OPD is linear in sum(s) and 
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 from collections import namedtuple
@@ -60,12 +61,14 @@ def load_config(name_or_path) -> ModelConfig:
             raise FileNotFoundError(f"no config.json at {file}: pass a model directory with config.json "
                                     f"or a built-in name ({', '.join(MODELS)})")
         c = _read_json(file)
-        c = c.get("text_config", c) if isinstance(c, dict) else {}
+        if not isinstance(c, dict):
+            raise ValueError(f"{file}: not a JSON object; pass a model's config.json")
+        c = c["text_config"] if isinstance(c.get("text_config"), dict) else c  # a multimodal config nests the LM's
         optional = ("num_key_value_heads", "head_dim")  # absent or null: the attention heads' defaults below
         sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         for k in sizes + optional:
             v = c.get(k)
-            if not (isinstance(v, int) and v > 0 or v is None and k in optional):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0 or v is None and k in optional):
                 raise ValueError(f"{file}: {k} is {c.get(k, 'missing')!r}, not a positive integer: not a "
                                  "decoder-only transformer config")
         h, heads = c["hidden_size"], c["num_attention_heads"]
@@ -96,9 +99,12 @@ def dense_params(cfg: ModelConfig) -> int:
 def seqlen_sums(seqlens=(), sums=None) -> tuple:
     """(sum s, sum s^2) of the lengths, or the given sums checked (opd.py logs seqlen_sum, seqlen_sq_sum)."""
     if sums is not None:
-        if min(sums) < 0:
-            raise ValueError(f"length sums {tuple(sums)} must be non-negative")
-        return tuple(sums)
+        sums = tuple(sums)
+        # what lengths n >= 0 can give: 0 <= sum n <= sum n^2 <= (sum n)^2
+        if not (len(sums) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in sums)
+                and 0 <= sums[0] <= sums[1] <= sums[0] ** 2):
+            raise ValueError(f"length sums {sums} are not (sum s, sum s^2) of non-negative integer lengths")
+        return sums
     s = s2 = 0
     for n in seqlens:
         if not hasattr(n, "__index__") or n < 0:
@@ -164,7 +170,8 @@ def from_metrics(path, student=None, teacher=None):
                 if not isinstance(r, dict):
                     raise ValueError(f"{path}:{i}: not a JSON object; pass the metrics.jsonl that opd.py wrote")
                 for k in ("step", "seqlen_sum", "seqlen_sq_sum", "flops"):
-                    if k in r and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))):
+                    if k in r and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))
+                                   or not math.isfinite(r[k])):
                         raise ValueError(f"{path}:{i}: {k} is {r[k]!r}, not a number")
     if not recs:
         raise ValueError(f"{path}: no records (the run has not finished a step)")
@@ -177,6 +184,9 @@ def from_metrics(path, student=None, teacher=None):
         if not isinstance(run, dict):
             raise ValueError(f"{run_file}: not a JSON object; it is opd.py's record of a run's flags")
     student, teacher = student or run.get("student"), teacher or run.get("teacher")
+    if bool(student) != bool(teacher):
+        raise ValueError(f"recomputing {path}'s flops needs both models, and nothing names the "
+                         f"{'teacher' if student else 'student'}: pass --student and --teacher")
     has_flops = all("flops" in r for r in recs)
     cfgs, source = None, "the records' flops"
     if student and teacher and all("seqlen_sum" in r and "seqlen_sq_sum" in r for r in recs):
@@ -265,8 +275,8 @@ def print_paper():
           f"{2.7e19 / pre:.1f}x;\nours, with full OPD at the cap = {full / pre:.1f}x (an upper bound).")
     print("""
 Reproducible from the paper alone: only rows whose every rollout reaches its cap, i.e. prefix 256 with the 8B
-student, §5.1's 5.7e17 included (ours is 9% lower; the paper does not say why: rounding, or prompt tokens, which
-verl's own counter is fed, are candidates). The rest depend on lengths the paper does not report: full OPD
+student, §5.1's 5.7e17 included (ours is 9% lower, past what 2-digit rounding explains; the paper does not say
+why: verl's own counter is fed prompt + response lengths, and ~24 prompt tokens per rollout would close it). The rest depend on lengths the paper does not report: full OPD
 (rollouts end at EOS, far below 16384 on average), prefix 512-2048 and the 1.7B student's prefix 256 (rollouts
 ending before L: ours is an upper bound, and ratios below 1 say many did), prefix scheduling (L(step) caps lengths
 only until it passes the natural length), SeqKD (QwQ-32B response lengths; §5.1's SeqKD step count is not given).

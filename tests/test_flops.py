@@ -129,7 +129,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     assert "--prefix 99999 is past --max-new-tokens 16384" in cli("--prefix", "99999").stderr
     assert "empty.jsonl: no records" in cli("--from-metrics", str(tmp_path / "empty.jsonl")).stderr
     # malformed files: one line naming the file and the field (were AttributeError / TypeError / ZeroDivisionError)
-    cases = [("config.json", "[1, 2]", "--full", "hidden_size is 'missing', not a positive integer"),
+    with pytest.raises(ValueError, match=r"not \(sum s, sum s\^2\)"):
+        flops.opd_flops(TINY, TINY, sums=(10, 1000))  # no lengths give sum s^2 > (sum s)^2
+    cases = [("config.json", "[1, 2]", "--full", "config.json: not a JSON object"),
+             ("config.json", '{"text_config": null}', "--full", "hidden_size is 'missing', not a positive integer"),
+             ("config.json", '{"hidden_size": true}', "--full", "hidden_size is True, not a positive integer"),
+             ("metrics.jsonl", '{"step": 0, "seqlen_sum": 10, "seqlen_sq_sum": NaN}', "--from-metrics",
+              "metrics.jsonl:1: seqlen_sq_sum is nan"),
              ("config.json", '{"hidden_size": "4096"}', "--full", "hidden_size is '4096', not a positive integer"),
              ("config.json", '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 99, '
               '"num_attention_heads": 0}', "--full", "num_attention_heads is 0"),
@@ -157,6 +163,8 @@ def test_from_metrics_recomputes_or_falls_back(tmp_path):
              "flops": 1.0 + i} for i, x in enumerate(steps)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     rows, source = flops.from_metrics(tmp_path / "metrics.jsonl")  # no run.json: the records' flops
+    with pytest.raises(ValueError, match="nothing names the teacher"):  # not silently the records' flops
+        flops.from_metrics(tmp_path / "metrics.jsonl", student="Qwen3-1.7B")
     assert [r[3] for r in rows] == [1.0, 2.0] and "records" in source
     (tmp_path / "run.json").write_text(json.dumps({"student": "Qwen/Qwen3-1.7B", "teacher": "Qwen3-8B"}))
     rows, source = flops.from_metrics(str(tmp_path / "metrics.jsonl"))
