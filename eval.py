@@ -104,7 +104,13 @@ def load_benchmark(name, path=None):
                        f"(columns: {', '.join(rows[0])}); use the public column names")
 
     id_col = next((keys[k] for k in ("unique_id", "id", "question_id", "record id") if k in keys), None)
-    ids = [str(r[id_col]) if id_col else str(i) for i, r in enumerate(rows)]
+    ids = [str(r.get(id_col)).strip() if id_col else str(i) for i, r in enumerate(rows)]
+    seen = set()
+    for i, v in enumerate(ids, 1):  # samples are kept and summed per id: a repeated or blank one would merge questions
+        if v in ("", "None") or v in seen:
+            raise BadInput(f"{name}: {path or 'hub data'} row {i}: its {id_col!r} {v!r} is blank or repeats an "
+                           "earlier row's; ids must be unique")
+        seen.add(v)
     rng = random.Random(DATA_SEED)
     if name == "gpqa":  # Question / Correct Answer / Incorrect Answer 1-3, shuffled with a fixed seed
         q, cols = need("Question"), [need("Correct Answer")] + [need(f"Incorrect Answer {i}") for i in (1, 2, 3)]
@@ -150,34 +156,37 @@ _BOX = re.compile(r"\\boxed(?:\s*\{|\s+([^\s${}\\]+))")  # \boxed{...}, or \boxe
 
 def boxed(text, where=False):
     """Contents of the \\boxed{...} (braces matched) and \\boxed 5 in text, in order; an unclosed one (cut off) ends
-    them as None. where: (start offset, content) pairs."""
+    them as None. where: (start, end offset, content) triples."""
     out, pos = [], 0
     while m := _BOX.search(text, pos):
         if m.group(1) is not None:  # \boxed 5.: LaTeX boxes one token; the sentence's full stop is not the answer's
-            out.append((m.start(), m.group(1).rstrip(".,;:")))
+            value = m.group(1).rstrip(".,;:")
+            out.append((m.start(), m.start(1) + len(value), value))
             pos = m.end()
             continue
         depth, i = 0, m.end() - 1  # at the {
         for j in range(i, len(text)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                out.append((m.start(), text[i + 1:j].strip()))
+                out.append((m.start(), j + 1, text[i + 1:j].strip()))
                 break
         else:
-            out.append((m.start(), None))
+            out.append((m.start(), len(text), None))
             break
         pos = j
-    return out if where else [c for _, c in out]
+    return out if where else [c for _, _, c in out]
 
 
 # A box that holds an option: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV}, \boxed{(C) 3.1 eV}
-# (not \boxed{a = 5}: a bare letter must end the box or be followed by . ) : ,)
-_BOX_LETTER = re.compile(r"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
-                         r"(?:\(([A-Ja-j])\)|([A-Ja-j])(?=\s*(?:[.):,}]|$)))")
-# Said: "Answer: C", "the answer is (C)", "**Answer:** $\text{C}$", "the answer is option C", "the correct option is C"
-# ("option" / "choice" only before "is" or ":": "let me check option B" is no answer)
-_SAID = re.compile(r"(?i:answer(?P<is>\s+is|\s*:)?|(?:option|choice)(?P<is2>\s+is|\s*:))\s*[*_]*\s*:?\s*[*_]*\s*"
-                   r"(?i:(?:option|choice)\s+)?\$?\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
+# \boxed{C \text{ (3.1 eV)}}, \boxed{\text{Option C}} (not \boxed{a = 5}: a bare letter must end the box or be followed
+# by punctuation, a LaTeX space or \text)
+_BOX_LETTER = re.compile(r"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?(?i:(?:option|choice)\s+)?"
+                         r"(?:\(([A-Ja-j])\)|([A-Ja-j])(?=\s*(?:[.):,}\-–~]|\\[ ,;!]|\\(?:text|quad)|$)))")
+# Said: "Answer: C", "the answer is (C)", "**Answer:** $\text{C}$", "the answer is \(C\)", "the answer is option C",
+# "the correct option is C", "**Final Answer**" and C on the next line ("answer", "option" and "choice" only before
+# "is", ":" or the line's end: "let me check option B" and "answer (D) is ruled out" are no answers)
+_SAID = re.compile(r"(?i:answer|option|choice)(?P<is>\s+is|\s*:|[*_]*[ \t]*\n)\s*[*_]*\s*:?\s*[*_]*\s*"
+                   r"(?i:(?:option|choice)\s+)?(?:\$|\\\()?\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
                    r"\(?(?P<letter>[A-J])\)?(?![A-Za-z])")
 _WEAK = re.compile(r"\(([A-J])\)|^\s*[*_]*([A-J])[.)]?[*_]*\s*$", re.MULTILINE)  # "(C)", a line that is just "C"
 
@@ -186,9 +195,9 @@ def _a_word(m):
     """Whether a said letter A or I is the word, not the option: "Answer: I think ...", "I'm", "Answer: A closer look".
     After "is", A is the option ("the answer is A in this case"); "I is / because / since / as" is option I."""
     letter, rest = m.group("letter"), m.string[m.end():]
-    if letter not in "AI" or (letter == "A" and "is" in (m.group("is") or m.group("is2") or "").lower()):
+    if letter not in "AI" or (letter == "A" and "is" in m.group("is").lower()):
         return False
-    w = re.match(r"\s+([a-z]+)|['’]", rest)
+    w = re.match(r"[ \t]+([a-z]+)|['’]", rest)  # a word on the same line
     return bool(w) and w.group(1) not in ("is", "because", "since", "as")
 
 
@@ -197,15 +206,21 @@ def extract_choice(completion, finished=False):
     answer), else the last "(C)" -- unless a box holds something else (a value after the options were restated:
     those letters are no answer)."""
     text = final_part(completion, finished)
-    if text is None:
+    boxes = boxed(text or "", where=True)
+    if text is None or boxes and boxes[-1][2] is None:  # cut off inside its last box: no answer (as grade_math)
         return None
     said = [(m.start(), m.group("letter")) for m in _SAID.finditer(text) if not _a_word(m)]
-    boxes = boxed(text, where=True)
-    letters = [(i, m.group(1) or m.group(2)) for i, c in boxes if c is not None and (m := _BOX_LETTER.match(c))]
+    letters = [(i, m.group(1) or m.group(2)) for i, _, c in boxes if (m := _BOX_LETTER.match(c))]
     hits = sorted(said + letters)
-    if not hits and (not boxes or boxes[-1][1] is None):  # no box, or the last cut off: the weak letters count
+    if not hits and not boxes:  # the weak letters count only where no box holds something else
         hits = [(0, next(g for g in m.groups() if g)) for m in _WEAK.finditer(text)]
     return hits[-1][1].upper() if hits else None
+
+
+# What may stand between boxes that answer together: "$x = \boxed{3}$ or $x = \boxed{5}$", "\boxed{3}, \boxed{5}",
+# "x_1 = \boxed{3} \text{ and } x_2 = \boxed{5}" (not "\boxed{3}, no wait, \boxed{5}": words end the run)
+_JOINED = re.compile(r"(?:\s|[$,;&]|\\[,;:! ()]|\\q?quad|\\text\{\s*(?:and|or|,)?\s*\}|\b(?:and|or)\b|"
+                     r"[A-Za-z](?:_\{?\w+\}?)?\s*=)*")
 
 
 def grade_math(completion, gold, finished=False):
@@ -215,10 +230,10 @@ def grade_math(completion, gold, finished=False):
     text = final_part(completion, finished)
     if text is None:
         return None, False
-    boxes = boxed(text)
-    if boxes and boxes[-1] is None:  # cut off inside its last box: no answer (not the box before it)
+    boxes = boxed(text, where=True)
+    if boxes and boxes[-1][2] is None:  # cut off inside its last box: no answer (not the box before it)
         return None, False
-    last = boxes[-1] if boxes else None  # the last \boxed{}: math-verify would join all boxes into a set
+    last = boxes[-1][2] if boxes else None  # the last \boxed{}: math-verify would join all boxes into a set
     # unboxed text: only anchored answers ("the final answer is 3"), not any number ("... in 7 steps")
     anchored = [LatexExtractionConfig(try_extract_without_anchor=False), ExprExtractionConfig(try_extract_without_anchor=False)]
     pred = (parse(f"$\\boxed{{{last}}}$", parsing_timeout=5) if last is not None
@@ -229,8 +244,12 @@ def grade_math(completion, gold, finished=False):
     extracted = last if last is not None else str(pred[-1])
     if verify(gold_parsed, pred, timeout_seconds=5):
         return extracted, True
-    if len(boxes) > 1 and None not in boxes:  # several answers boxed one by one: "x = \boxed{3} or x = \boxed{5}"
-        joined = ", ".join(boxes)
+    # several answers boxed one by one ("x = \boxed{3} or x = \boxed{5}"): the last boxes that only connectives join
+    k = len(boxes) - 1
+    while k > 0 and _JOINED.fullmatch(text, boxes[k - 1][1], boxes[k][0]):
+        k -= 1
+    if k < len(boxes) - 1:
+        joined = ", ".join(c for _, _, c in boxes[k:])
         if verify(gold_parsed, parse(f"$\\boxed{{{joined}}}$", parsing_timeout=5), timeout_seconds=5):
             return joined, True
     return extracted, False

@@ -49,6 +49,9 @@ MATH_CASES = [
     (r"3, 5", T + r"So $x = \boxed{3}$ or $x = \boxed{5}$.", True),          # one box per answer: all of them
     (r"8", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", True),               # ... only where the last is wrong
     (r"3", T + r"\boxed{3} and \boxed{5}, so \boxed{8}", False),
+    (r"3, 5", T + r"$x_1 = \boxed{3}$ \text{ and } $x_{2} = \boxed{5}$", True),
+    (r"3, 5", T + r"One root is $\boxed{3}$. Hmm, checking: 3 fails. So the answer is $\boxed{5}$.", False),  # words
+    (r"3, 5", T + r"\boxed{5} wait no, \boxed{3}", False),                  # between boxes: no joint answer
     (r"7", T + r"\boxed{7} and then \boxed{8", False),                         # cut off in its last box: no answer
     (r"5", T + r"\boxed{-5}", False),                                          # signs
     (r"-5", T + r"\boxed{5}", False),
@@ -96,6 +99,19 @@ CHOICE_CASES = [
     ("x</think>Let me check (B) again.\n\n**Final Answer**\nThe correct option is C.", "C"),
     ("x</think>Let me check option B again.", None),                 # a mention of an option is no answer
     ("x</think>(A) fails, so $\\boxed D$.", "D"),                    # \boxed without braces
+    ("x</think>\\boxed{B}\n\nAnswer (D) is ruled out because", "B"),   # "answer" mentioned, not given
+    ("x</think>Final answer: B\n\nNote: answer C would need a larger field.", "B"),
+    ("x</think>Let me double check answer B. Actually (C) is right.", "C"),
+    ("x</think>**Final Answer**\nC", "C"),                           # a heading, the letter below it
+    ("x</think>Thus, the answer is \\(C\\).", "C"),                  # \( \) inline math
+    ("x</think>The correct option is \\( \\text{C} \\).", "C"),
+    ("x</think>**Answer: \\(\\mathbf{C}\\)**", "C"),
+    ("x</think>\\boxed{C \\text{ (3.1 eV)}}", "C"),                  # the letter, then more in the box
+    ("x</think>\\boxed{C\\ 3.1 eV}", "C"),
+    ("x</think>\\boxed{\\text{Option C}}", "C"),
+    ("x</think>\\boxed{Option C}", "C"),
+    ("x</think>Answer: A\nwhich is the smallest.", "A"),             # the next line's word: A is the option
+    ("x</think>\\boxed{B} hmm, no: \\boxed{\\text{C", None),          # cut off in its last box: no answer
 ]
 
 

@@ -157,6 +157,12 @@ def bad_inputs(tmp_path):
     tc["chat_template"] = "{{ messages[0]['content'] }}"
     (other_tok / "tokenizer_config.json").write_text(json.dumps(tc))
     (other_tok / "chat_template.jinja").unlink(missing_ok=True)
+    no_template = tmp_path / "no-template"
+    shutil.copytree(embedded.TEACHER_DIR, no_template)
+    tc = json.loads((no_template / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(tc))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
     q_number = tmp_path / "qnumber.jsonl"
     q_number.write_text('{"question": 5}\n')
     latin1 = tmp_path / "latin1.csv"
@@ -192,6 +198,8 @@ def bad_inputs(tmp_path):
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),  # not that the preset's --prefix-start is past it
         (["--student", str(embedded.STUDENT_DIR), "--teacher", str(other_tok), "--data", str(embedded.TRAIN_FILE)],
          "render prompts differently"),
+        (["--student", str(embedded.STUDENT_DIR), "--teacher", str(no_template), "--data", str(embedded.TRAIN_FILE)],
+         "has no chat template"),  # not advice to copy the template it lacks
         (good + ["--resume"], "no checkpoint in"),
         (models + ["--data", str(not_obj)], "expected a JSON object"),
         (good + ["--heldout", str(bad_heldout), "--eval-n", "1"], "row 1: --heldout needs a question"),
@@ -234,6 +242,19 @@ def test_teacher_template_is_compared_as_rendered(tmp_path):
         else:
             with pytest.raises(opd.UsageError, match="render prompts differently"):
                 opd.load_tokenizers(cfg)
+
+
+def test_a_template_that_opens_the_thought_gets_no_second_think():
+    """Thinking models' templates (Qwen3-*-Thinking-2507, R1 distills) end the generation prompt with <think>: the
+    <think> forced by §3 must not double it (a prompt the teacher never saw)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(embedded.STUDENT_DIR)
+    plain = opd.chat_prompt(tok, "1+1")
+    assert plain.endswith("assistant\n<think>\n") and plain.count("<think>") == 1
+    tok.chat_template += "{% if add_generation_prompt %}<think>\n{% endif %}"
+    assert tok.apply_chat_template([{"role": "user", "content": "1+1"}], tokenize=False,
+                                   add_generation_prompt=True).endswith("<think>\n")
+    assert opd.chat_prompt(tok, "1+1") == plain
 
 
 def test_embedded_preset_and_flags_over_it():
@@ -282,10 +303,17 @@ def test_out_dir_holds_one_run(tmp_path):
                      (dataclasses.replace(ok, lr=1e-6), "has lr=5e-05, this command 1e-06"),  # AdamW keeps the old
                      (dataclasses.replace(ok, teacher=str(embedded.STUDENT_DIR)), "has teacher="),
                      (dataclasses.replace(ok, data=str(embedded.HELDOUT_FILE)), "has data="),
+                     (dataclasses.replace(ok, kl_bin=64), "has kl_bin=256"),  # one file, two bin widths
                      (dataclasses.replace(ok, resume=False), "already holds a run"),
                      (opd.Config(out=str(out / "run.json")), "is a file")):
         with pytest.raises(opd.UsageError, match=re.escape(msg)):
             opd.checkpoint_to_resume(cfg)
+    # held-out questions: where both runs grade some, the same ones (heldout.json keeps the first run's "before")
+    graded = dict(heldout=str(embedded.HELDOUT_FILE), eval_n=50)
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(ok, resume=False, **graded))))
+    assert opd.checkpoint_to_resume(dataclasses.replace(ok, heldout=None, eval_n=0))  # grading nothing mixes nothing
+    with pytest.raises(opd.UsageError, match="has eval_n=50, this command 20"):
+        opd.checkpoint_to_resume(dataclasses.replace(ok, **graded | dict(eval_n=20)))
     (tmp_path / "crashed").mkdir()
     (tmp_path / "crashed" / "metrics.jsonl").write_text('{"step": 0}\n')
     with pytest.raises(opd.UsageError, match="never checkpointed"):
@@ -467,6 +495,8 @@ def test_two_ranks_vllm_kill_and_resume(tmp_path, world_of_one):
     assert saved < 3  # killed before the end: the resumed run has steps to train
     before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in before][:saved] == list(range(saved))
+    with open(out / "metrics.jsonl", "a") as f:  # what a kill in mid-write leaves: the resume must not choke on it
+        f.write('{"step": 2, "kl')
     # DCP reshards for real: the 2-rank trainer state loads here, in a world of one, as the weights saved beside it
     # (trained, not the shipped ones) and AdamW's state after `saved` steps
     from safetensors.torch import load_file
@@ -736,21 +766,26 @@ def _grads(model):
     return {k: p.grad.full_tensor().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def test_micro_batches_and_padding_ones_give_the_whole_batch_gradient(world_of_one):
+def test_micro_batches_and_padding_ones_give_the_whole_batch_gradient(world_of_one, monkeypatch):
     """train_step over 1 micro-batch, over one per sequence, and over those plus 2 empty ones (what a rank with fewer
     sequences runs so that every rank does as many FSDP forwards / backwards): the same gradient and statistics."""
+    real_forward = opd.forward
     tok = AutoTokenizer.from_pretrained(str(embedded.STUDENT_DIR))
     dev = torch.device("cpu")
     student, teacher = (opd.load_model(str(d), dev, train=t) for d, t in ((embedded.STUDENT_DIR, True),
                                                                            (embedded.TEACHER_DIR, False)))
     seqs, lps = _rollouts(tok)
     kern = kernels.get_impl("torch")
+    calls = []
+    monkeypatch.setattr(opd, "forward", lambda model, *a: calls.append(model) or real_forward(model, *a))
     runs = []
     for budget, extra in ((1 << 20, 0), (1, 0), (1, 2)):
         cfg = opd.Config(micro_batch_tokens=budget)
         n = len(opd.micro_batches([len(p) + len(r) for p, r in seqs], budget))
         assert n == (1 if budget > 1 else len(seqs))
+        calls.clear()
         stats, _, _ = opd.train_step(cfg, student, teacher, kern, seqs, lps, 0.25, tok.pad_token_id, dev, n + extra)
+        assert calls == [teacher] * (n + extra) + [student] * (n + extra)  # the padding passes run too
         runs.append((_grads(student), torch.cat([s["kl"] for s in stats]).sort().values))
         student.zero_grad(set_to_none=True)
     (g0, kl0), rest = runs[0], runs[1:]
@@ -825,6 +860,9 @@ def test_step_metrics_by_hand(world_of_one):
     assert m["L"] == 6 and m["n_seqs"] == 2 and m["seqlen_sum"] == 9 and m["seqlen_sq_sum"] == 45
     assert m["len_max"] == 6 and m["len_mean"] == 4.5
     assert m["truncated"] == 0.5  # the sampler's flag: A stopped at max_tokens = L
+    # the flag, not the length: had A ended on its own stop token as its L-th token, nothing was cut
+    ended = [(rollouts[0][0], rollouts[0][1], False), rollouts[1]]
+    assert opd.step_metrics(cfg, stats, ended, L, torch.device("cpu"))["truncated"] == 0.0
     assert m["trained_tokens"] == 6
     assert m["kl"] == pytest.approx((0.5 + 1.0 + 1.5 + 2.0 - 1.0 + 0.0) / 6)
     assert m["kl_all"] == pytest.approx(kl.sum().item() / 9)
@@ -888,7 +926,8 @@ class Recorder:
         pass
 
 
-@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+# (0, 2): rank 0 of a pretended world of 2 (its collectives see itself alone) logs the loss summed over ranks / world
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2), (0, 2)])
 def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, capsys, rank, world):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(opd, "HFSampler", Recorder)
@@ -926,7 +965,7 @@ def test_main_scale_seeds_and_logged_loss(tmp_path, monkeypatch, capsys, rank, w
         st = seen["stats"]
         want = sum((s["mask"] * s["ratio"] * s["kl"]).sum().item() for s in st) / (B * S)
         assert rec["loss"] == pytest.approx(want, rel=1e-6) and rec["loss"] != 0
-        assert rec["truncated"] == 0.5 and rec["n_seqs"] == B * S and rec["L"] == L
+        assert rec["truncated"] == 0.5 and rec["n_seqs"] == B * S // world and rec["L"] == L
         # the Recorder's logprobs (-1.0 each) are not the model's: the run says its sampler looks stale
         assert rec["gap_mean"] > opd.STALE_GAP and "WARNING: sampler and trainer disagree" in capsys.readouterr().out
 

@@ -30,4 +30,6 @@ def test_readme_commands_use_existing_flags():
              for t, argv in TOOLS.items()}
     for tool, flags in found:
         for flag in flags:
-            assert re.search(rf"{flag}\b", helps[tool]), f"README runs {tool} with {flag}, which its --help lacks"
+            # the whole flag: --prefix is not --prefix-start (which the tools do not abbreviate)
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[tool]), \
+                f"README runs {tool} with {flag}, which its --help lacks"
