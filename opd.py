@@ -55,7 +55,8 @@ def _f(default, help):
 class Config:
     student: str = _f(None, "student model: HF directory or hub id (default: the embedded tiny student)")
     teacher: str = _f(None, "teacher model, same tokenizer as the student (default: the embedded tiny teacher)")
-    data: str = _f(None, "training prompts: .jsonl/.parquet with a prompt/question/problem or conversations column")
+    data: str = _f(None, "training prompts: .jsonl/.json/.parquet/.csv with a prompt/question/problem column, or "
+                   "conversations/messages")
     out: str = _f("runs/opd", "output directory: metrics.jsonl, run.json, step_*/ checkpoints")
     steps: int = _f(60, "optimizer steps")
     batch_size: int = _f(512, "prompts per step, global (split over ranks)")

@@ -3,12 +3,12 @@ r"""The embedded default: a tiny step-by-step arithmetic task, its tokenizer and
 `torchrun --nproc_per_node 2 opd.py` with no model arguments distils `teacher/` into `student/` on this
 task on a 2-core CPU. Everything here is the output of `python -m embedded.build` (seed 0).
 
-The task. "Compute 47+38-19+26." -- a start value and 3-5 distinct 2-digit operands (10-49); every
+The task. "Compute 41+19-24+18." -- a start value and 3-5 distinct 2-digit operands (10-49); every
 step needs a carry (adding) or a borrow (subtracting) and every running value stays in [30, 79]. The
 worked solution is one line per step, so an early slip is carried into the answer:
 
-    <|im_start|>user\nCompute 47+38-19+26.<|im_end|>\n<|im_start|>assistant\n<think>\n   (the prompt)
-    47+38=85\n85-19=66\n66+26=92\n</think>\nAnswer: 92<|im_end|>                          (the completion)
+    <|im_start|>user\nCompute 41+19-24+18.<|im_end|>\n<|im_start|>assistant\n<think>\n   (the prompt)
+    41+19=60\n60-24=36\n36+18=54\n</think>\nAnswer: 54<|im_end|>                          (the completion)
 
 `grade` is exact: the text after the last "Answer:" that follows "</think>"; thinking that never closed
 (a rollout cut at L_train, or a truncated one) gets no credit. data/train.jsonl (4000 questions) and
@@ -81,7 +81,7 @@ def make_problem(rng) -> dict:
 
 
 def parse(question: str) -> tuple[int, list[int]]:
-    """The question's start value and signed operands: 'Compute 47+38-19+26.' -> (47, [38, -19, 26])."""
+    """The question's start value and signed operands: 'Compute 41+19-24+18.' -> (41, [19, -24, 18])."""
     m = re.fullmatch(r"Compute (\d+)((?:[+-]\d+)+)\.", question)
     if not m:
         raise ValueError(f"not an embedded-task question: {question!r}")

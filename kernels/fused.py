@@ -97,7 +97,7 @@ if INTERPRET and not isinstance(tl.standard.sum, triton.runtime.interpreter.Inte
     raise ImportError("TRITON_INTERPRET=1 was set after triton had been imported; set it before Python starts")
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
-# Logits buffer per chunk (<= 2871 rows at V = 151936 bf16: 16384 tokens in 6 chunks). Every chunk costs one
+# Logits buffer per chunk (<= 2870 rows at V = 151936 bf16: 16384 tokens in 6 chunks). Every chunk costs one
 # read-modify-write of the fp32 dW accumulator in GEMM 3 (8 V H bytes: ~1 ms at H = 4096 on an H200), so
 # chunks are as large as the memory target allows: peak extra <= 1 GiB + fp32 W.grad at T = 16384, H = 4096.
 CHUNK_BYTES = 832 * 2**20
@@ -460,7 +460,7 @@ def _scale_cast(inp, s, out):
 
 def _chunk_rows(V, dtype, n, chunk_rows=None):
     """Rows per chunk: as many as CHUNK_BYTES holds, then evened out so that the last chunk is not a
-    ragged remainder (16384 tokens at V = 151936 bf16: 6 chunks of 2752 / 2624, not 5 x 2871 + 2029)."""
+    ragged remainder (16384 tokens at V = 151936 bf16: 6 chunks of 2752 / 2624, not 5 x 2870 + 2034)."""
     if chunk_rows:
         return max(1, min(chunk_rows, n))
     cap = max(1, CHUNK_BYTES // (V * torch.finfo(dtype).bits // 8))
