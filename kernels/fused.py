@@ -35,8 +35,7 @@ with c = their exact max (GEMMs of just those rows: on the epilogue path one for
 sums). Testing S costs nothing in the loop, where a running max would cost an instruction and a
 register per logit. log2 S = -logp / ln2 is
 small for likely targets, so logp keeps fp32's relative precision (a shift far from the lse, e.g.
-u_y + 64, would cost ~64 * 2^-24 absolute). fp16 has no such range, so for fp16 c is always the row
-max (one extra read of x; fp16 takes the row-kernel path).
+u_y + 64, would cost ~64 * 2^-24 absolute).
 
 16-bit logits (the row-kernel path): x is rounded to 2^-9 of its size, so z_y (size ~|z|) is off by up
 to ~|z| 2^-9, and logp with it. Every method that keeps 16-bit logits (naive torch, Liger) has this error in logp;
@@ -63,7 +62,10 @@ column y last, once S is known (the combine, or the row program's end), and then
 
 Bytes per logit after GEMM 1: none on the epilogue path (e' is what GEMM 1 writes instead of x); one
 read and one write in the row program. Backward only multiplies the saved dh, dW by the incoming
-scalar: 3 GEMMs in all, the floor. Masked tokens (m = 0) are dropped before any work. The rounding
+scalar: 3 GEMMs in all, the floor. (That scalar is 1 under loss.backward(); any other that is not a power
+of 2 rounds 16-bit dh a second time, ~2^-9 relative.) Not for fp16: e' and alpha h sit far below its range
+(alpha = -g / (T S_y), S_y up to V) until the upstream scalar, a GradScaler's 2^16, arrives in backward; fp16
+takes its gradient in backward through token_logprobs, as plain torch does (4 GEMMs). Masked tokens (m = 0) are dropped before any work. The rounding
 of alpha * h to bf16 adds ~2^-9 relative error per element to dW's terms (measured by emulation at
 T=512, V=16384: dW error 2.3e-3 -> 2.9e-3 vs fp64; naive torch 7.8e-3).
 
@@ -79,6 +81,7 @@ so GEMM 1 upcasts its tiles there (the same products: bf16 x bf16 is exact in fp
 to on a GPU (registers, spills, tensor-core instructions, instructions and bytes per load/store in the
 hot loop and the epilogue) is read on any machine with `python -m kernels.sass` (a test checks it).
 """
+import functools
 import math
 import os
 import warnings
@@ -89,7 +92,7 @@ import triton.language as tl
 import triton.runtime.interpreter
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .ref import _check
+from .ref import _check, _check_loss_args, opd_loss_ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels below are built for the interpreter
 if INTERPRET and not isinstance(tl.standard.sum, triton.runtime.interpreter.InterpretedFunction):
@@ -427,7 +430,7 @@ def _combine_kernel(
 
 @triton.jit
 def _scale_cast_kernel(in_ptr, s_in, sc_in, out_ptr, s_out, sc_out, s_ptr, n_rows, n_cols, PER_ROW: tl.constexpr,
-                       R: tl.constexpr, BC: tl.constexpr):
+                       NARROW: tl.constexpr, R: tl.constexpr, BC: tl.constexpr):
     """out[r, c] = in[r, c] * s (s = s_ptr[r] if PER_ROW else s_ptr[0]) in out's dtype, one R x BC tile per
     program: one pass, one rounding. torch.mul into a narrower `out` takes PyTorch's generic casting kernel
     at ~half the bandwidth (profiled on an H100: the dW conversion and the row scalings cost 3.6 ms of a
@@ -437,8 +440,11 @@ def _scale_cast_kernel(in_ptr, s_in, sc_in, out_ptr, s_out, sc_out, s_ptr, n_row
     inb = (r < n_rows) & (c < n_cols)
     s = tl.load(s_ptr + r, mask=r < n_rows) if PER_ROW else tl.load(s_ptr)
     x = tl.load(in_ptr + r * s_in + c * sc_in, mask=inb).to(tl.float32)
-    tl.store(out_ptr + r * s_out + c * sc_out, (x * s).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-             mask=inb)
+    if NARROW:  # 16-bit out: round to nearest even, as torch does (the option only exists for narrowing casts)
+        y = (x * s).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    else:  # fp32 / fp64 out (fp64 inputs: computed in fp32, as everything here)
+        y = (x * s).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + r * s_out + c * sc_out, y, mask=inb)
 
 
 SCALE_TILE = (64, 256) if INTERPRET else (8, 512)  # rows x columns per program: the interpreter pays per program
@@ -451,7 +457,7 @@ def _scale_cast(inp, s, out):
     if rows:
         _scale_cast_kernel[(triton.cdiv(rows, R), triton.cdiv(cols, BC))](
             inp, inp.stride(0), inp.stride(1), out, out.stride(0), out.stride(1), s, rows, cols,
-            PER_ROW=s.dim() == 1, R=R, BC=BC)
+            PER_ROW=s.dim() == 1, NARROW=out.element_size() < 4, R=R, BC=BC)
     return out
 
 
@@ -593,10 +599,9 @@ def _head_pass(hs, weight, ys, temperature, chunk_rows, epi, fused=None, need_dh
     h_alpha = dh32.view(dt)[:, :H] if need_dw else None
     k2 = LOG2E / temperature
     ls, lt, m, scale = fused if fused is not None else (out[0], out[0], out[0], 0.0)  # unread when not fused
-    fp16 = dt == torch.float16  # 2^(u - c) has no room in fp16 unless c is the row max
     block_h = min(1024, triton.next_power_of_2(H))
 
-    def row_pass(rows, o, row_max=fp16):
+    def row_pass(rows, o, row_max=False):
         """GEMM 1 and the row pass of chunk `rows` (a slice or an index tensor of tokens) into outputs o [5, n].
         Returns its hidden rows and logits buffer (e' when fused) for grads."""
         h = hs[rows]
@@ -787,12 +792,14 @@ def opd_loss_triton(hidden, weight, targets, logp_sampler, logp_teacher, mask, s
     loss = -scale * sum_t mask_t * exp(logp_t - logp_sampler_t) * (logp_teacher_t - logp_sampler_t)
     Returns (loss fp32 scalar, stats) with stats = {logp, entropy, ratio, kl}: detached fp32 [N];
     logp / entropy / ratio are 0 where mask == 0 (never computed), kl = logp_sampler - logp_teacher
-    everywhere. Backward must run once (the saved gradients are consumed).
+    everywhere; targets where mask == 0 are never read (any value, e.g. -100). Backward must run once (the saved
+    gradients are consumed). fp16 forms the gradient in backward instead (module docstring).
     """
-    _check(hidden, weight, targets, temperature)
-    for name, t in (("logp_sampler", logp_sampler), ("logp_teacher", logp_teacher), ("mask", mask)):
-        if t.shape != targets.shape:
-            raise ValueError(f"{name} must have shape [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
+    if hidden.dtype == torch.float16:
+        return opd_loss_ref(hidden, weight, targets, logp_sampler, logp_teacher, mask, scale, temperature,
+                            logprobs=functools.partial(token_logprobs_triton, chunk_rows=chunk_rows))
+    _check_loss_args(targets, logp_sampler, logp_teacher, mask)
+    _check(hidden, weight, targets, temperature, used=mask != 0)
     grad = torch.is_grad_enabled()  # needs_input_grad alone does not see torch.no_grad()
     loss, logp, ent, ratio, kl = _OPDLoss.apply(
         hidden, weight, targets.contiguous(), logp_sampler.detach().float().contiguous(),

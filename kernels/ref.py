@@ -4,11 +4,14 @@ Same signatures and outputs as the Triton versions. They compute in fp32 (fp64 i
 and never hold [N, V] logits: tokens go in chunks of `chunk_rows`, each under activation
 checkpointing, so forward and backward both keep at most one [chunk_rows, V] block alive.
 """
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _check(hidden, weight, targets, temperature):
+def _check(hidden, weight, targets, temperature, used=None):
+    """Clear errors for bad inputs; used: the targets that are read (opd_loss: where mask != 0), default all."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}; flatten hidden to 2-D first")
@@ -22,8 +25,17 @@ def _check(hidden, weight, targets, temperature):
                          f"{weight.device}, {targets.device}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if targets.numel() and bool(((targets < 0) | (targets >= weight.shape[0])).any()):
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    read = targets if used is None else targets[used]
+    if read.numel() and bool(((read < 0) | (read >= weight.shape[0])).any()):
         raise ValueError(f"targets must lie in [0, {weight.shape[0]}); check the tokenizer's vocab size")
+
+
+def _check_loss_args(targets, logp_sampler, logp_teacher, mask):
+    for name, t in (("logp_sampler", logp_sampler), ("logp_teacher", logp_teacher), ("mask", mask)):
+        if t.shape != targets.shape:
+            raise ValueError(f"{name} must have shape [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
 
 
 def _chunk(h, w, y, temperature):
@@ -50,16 +62,17 @@ def token_logprobs_ref(hidden, weight, targets, temperature=1.0, *, chunk_rows=1
 
 
 def opd_loss_ref(hidden, weight, targets, logp_sampler, logp_teacher, mask, scale, temperature=1.0, *,
-                 chunk_rows=1024):
+                 chunk_rows=1024, logprobs=None):
     """loss = -scale * sum_t m_t ratio_t adv_t with kl = ls - lt, adv = -kl, ratio = exp(logp - ls).
 
-    Stats as in opd_loss_triton: logp / entropy / ratio are 0 where mask == 0, kl everywhere.
+    Stats as in opd_loss_triton: logp / entropy / ratio are 0 where mask == 0, kl everywhere. Targets where
+    mask == 0 are never read (any value, e.g. -100). logprobs: the token_logprobs the loss is built on (default
+    token_logprobs_ref; fused.py's fp16 path passes its kernel).
     """
-    for name, t in (("logp_sampler", logp_sampler), ("logp_teacher", logp_teacher), ("mask", mask)):
-        if t.shape != targets.shape:
-            raise ValueError(f"{name} must have shape [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
+    _check_loss_args(targets, logp_sampler, logp_teacher, mask)
     idx = torch.nonzero(mask).squeeze(1)  # masked tokens cost nothing
-    logp_c, ent_c = token_logprobs_ref(hidden[idx], weight, targets[idx], temperature, chunk_rows=chunk_rows)
+    logprobs = logprobs or functools.partial(token_logprobs_ref, chunk_rows=chunk_rows)
+    logp_c, ent_c = logprobs(hidden[idx], weight, targets[idx], temperature)
     ls, lt, m = (t.detach().to(logp_c.dtype) for t in (logp_sampler, logp_teacher, mask))
     ratio_c = torch.exp(logp_c - ls[idx])
     kl_c = ls[idx] - lt[idx]
