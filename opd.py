@@ -83,7 +83,8 @@ class Config:
     kl_bin: int = _f(256, "width of the position bins for the KL-by-position log (paper Fig. 2/5)")
     vllm_memory: float = _f(0.35, "GPU memory fraction for the vLLM sampler (weights + KV cache); the trainer's "
                             "shards, optimizer state and teacher stay resident meanwhile: raise it where they leave "
-                            "room (more KV cache, more rollouts in flight)")
+                            "room (more KV cache, more rollouts in flight). vLLM checks it against free memory once, "
+                            "at its start, before AdamW's state exists")
 
     @property
     def untruncated(self) -> bool:
@@ -565,7 +566,8 @@ class VLLMSampler:
 
     The engine lives in the trainer's process (`external_launcher`), on the rank's own device. On GPU it sleeps
     whenever it is not sampling, from its start on (level 2 drops the weights: every generate must follow a
-    load_weights).
+    load_weights). Its CUDA graphs stay on the GPU while it sleeps (vLLM's sleep_mode_offload_cudagraph, off here,
+    would copy them to the host and back every step).
     """
 
     def __init__(self, path, cfg: Config, max_model_len: int, rank: int, stop: list[int]):
@@ -598,13 +600,14 @@ class VLLMSampler:
         self.llm.collective_rpc(_vllm_start)
         for bucket in buckets:  # in-process: the tensors go by reference
             self.llm.collective_rpc(_vllm_load, args=(bucket,))
+        bucket = None  # freed before the KV cache wakes (the last bucket holds Qwen3-8B's LM head: 1.2 GiB)
         [missing] = self.llm.collective_rpc(_vllm_finish)
         if missing:  # vLLM only logs this (a warning we silence above); sampling from such weights is off-policy noise
             raise RuntimeError(f"weight sync: {len(missing)} of the sampler's parameters got no weights from the "
                                f"student (e.g. {', '.join(missing[:3])}): the student's parameter names do not map "
                                "onto vLLM's model for this architecture")
-        if self.cuda:
-            self.llm.wake_up(tags=["kv_cache"])
+        if self.cuda and self.llm.wake_up(tags=["kv_cache"]) is False:  # its scheduler stays paused: generate would hang
+            raise RuntimeError("vLLM is not fully awake after the weight sync (weights and KV cache woken)")
         # Cached prefixes hold keys/values of the old weights: a prompt sharing one would be sampled off-policy.
         self.llm.reset_prefix_cache()
 
