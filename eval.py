@@ -294,8 +294,6 @@ def sample(path, prompts, ns, max_tokens, args):
     """ns[i] continuations of each prompt (token ids), at most max_tokens[i] long: (token ids with the end token
     dropped, whether it ended there rather than at the budget). One model load per call: callers pass every
     benchmark's prompts at once."""
-    if args.engines > 1 and len(prompts) > 1:
-        return sample_parallel(path, prompts, ns, max_tokens, args)
     tok, eos, max_pos = model_info(path)
     max_tokens = [max(1, min(m, max_pos - len(p))) for p, m in zip(prompts, max_tokens)]
     if args.sampler == "vllm":
@@ -309,7 +307,10 @@ def sample(path, prompts, ns, max_tokens, args):
 def sample_kept(path, prompts, ns, max_tokens, args):
     """sample(), kept in --out/samples/: rerun after a crash (or with more checkpoints) with the same --out, and
     nothing sampled before is sampled again. The key: the checkpoint's weight files (path, size, time), the prompts,
-    counts and budgets, and the flags that change a sample (--sampler, --dtype, --seed)."""
+    counts and budgets, and the flags that change a sample (--sampler, --dtype, --seed). With --engines, each engine
+    keeps its shard as soon as it is drawn: after one engine failed, a rerun draws only that shard again."""
+    if args.engines > 1 and len(prompts) > 1:
+        return sample_parallel(path, prompts, ns, max_tokens, args)
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(path)
                      if f.name.endswith((".safetensors", ".bin")))
     key = json.dumps([os.path.realpath(path), weights, prompts, ns, max_tokens, args.sampler, args.dtype, args.seed])
@@ -327,9 +328,9 @@ def sample_kept(path, prompts, ns, max_tokens, args):
 
 
 def sample_parallel(path, prompts, ns, max_tokens, args):
-    """sample() over --engines data-parallel engines, each taking every engines-th prompt with its own seed."""
+    """sample_kept() over --engines data-parallel engines, each taking every engines-th prompt with its own seed."""
     e = min(args.engines, len(prompts))
-    return interleave(on_engines(sample, [(path, prompts[i::e], ns[i::e], max_tokens[i::e], argparse.Namespace(
+    return interleave(on_engines(sample_kept, [(path, prompts[i::e], ns[i::e], max_tokens[i::e], argparse.Namespace(
         **dict(vars(args), engines=1, seed=args.seed + 1_000_003 * i, quiet=i > 0))) for i in range(e)]), len(prompts))
 
 
@@ -358,8 +359,8 @@ def interleave(shards, n):
 
 
 def gpu_ids():
-    """The visible GPUs' ids as CUDA_VISIBLE_DEVICES names them (none on a CPU machine). device_count does not
-    initialise CUDA in this process: the engines' own processes pick their GPU."""
+    """The visible GPUs' ids as CUDA_VISIBLE_DEVICES names them (none on a CPU machine). Asking the driver rules out
+    forking CUDA users from this process later: every pool here spawns (and so must vLLM, sample_vllm)."""
     import torch
     if not torch.cuda.is_available():
         return []
@@ -378,8 +379,9 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     from vllm import LLM, SamplingParams
     # vLLM forks its engine process unless told otherwise, and a fork cannot use CUDA once the parent has asked it
     # anything (torch.cuda.is_available() below, or a scoring model before): "Cannot re-initialize CUDA in forked
-    # subprocess". eval.py's entry point is __main__-guarded, so spawn is safe.
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # subprocess". eval.py's entry point is __main__-guarded, so spawn is safe. Set, not defaulted: an inherited
+    # "fork" would fail just so.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     # on CPU: a bounded KV cache (vLLM takes ~18 GB otherwise) and no torch.compile warmup (~40 s per engine)
     extra = {} if torch.cuda.is_available() else dict(kv_cache_memory_bytes=int(args.cpu_kv_cache_gb * 2**30),
                                                        enforce_eager=True)
@@ -387,9 +389,13 @@ def sample_vllm(path, prompts, ns, max_tokens, max_model_len, eos, args):
     params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=m, stop_token_ids=eos,
                              detokenize=False)  # token ids are all we keep: no text to build per token
               for n, m in zip(ns, max_tokens)]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=not args.quiet)
-    llm.llm_engine.engine_core.shutdown()  # its memory back now, not when the collector gets to it: the next
-    del llm  # checkpoint's engine checks for free GPU memory at start
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=not args.quiet)
+    finally:
+        # now, and on an error too: a live engine process holds its GPU (the next engine checks free memory at its
+        # start), and an --engines worker waits for its children before it exits
+        llm.llm_engine.engine_core.shutdown()
+    del llm
     gc.collect()
     return [[(list(c.token_ids), c.finish_reason != "length") for c in o.outputs] for o in outs]
 

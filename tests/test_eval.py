@@ -441,6 +441,28 @@ def test_a_rerun_keeps_the_samples_it_has(tmp_path):
     assert sum(x["tokens"] for x in s if x["row"] == "teacher") > 0 and len(list((out / "samples").iterdir())) == 2
 
 
+def test_each_engine_keeps_its_own_shard(tmp_path):
+    """--engines 2: each engine keeps its shard of the samples as soon as it has drawn it, so a rerun after one engine
+    failed draws only that shard again. Here one shard's file is lost (that engine failed) and the other's altered
+    (every sample emptied): the rerun reads the altered one back and draws the lost one anew."""
+    out = tmp_path / "o"
+    args = ("--model", "student", "--benchmarks", "embedded", "--limit", "4", "--samples", "2", "--max-new-tokens",
+            "48", "--sampler", "hf", "--dtype", "float32", "--engines", "2", "--out", str(out))
+    r = run_cli(*args, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept, lost = sorted((out / "samples").iterdir())
+    rows = json.loads(kept.read_text())
+    assert len(rows) == 2 and len(json.loads(lost.read_text())) == 2  # 2 of the 4 questions each
+    kept.write_text(json.dumps([[[[], True] for _ in row] for row in rows]))
+    lost.unlink()
+    r = run_cli(*args, tmp_path=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("samples kept in") == 1, r.stdout + r.stderr[-3000:]
+    tokens = {}
+    for x in json.loads((out / "eval.json").read_text())["samples"]:
+        tokens[x["id"]] = tokens.get(x["id"], 0) + x["tokens"]
+    assert sorted(v > 0 for v in tokens.values()) == [False, False, True, True], tokens
+
+
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
 def test_hub_benchmark_without_datasets_says_how_to_fix(tmp_path):
     r = run_cli("--model", "student", "--benchmarks", "aime24", "--out", str(tmp_path / "o"), tmp_path=tmp_path)
