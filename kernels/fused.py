@@ -63,11 +63,11 @@ column y last, once S is known (the combine, or the row program's end), and then
 Bytes per logit after GEMM 1: none on the epilogue path (e' is what GEMM 1 writes instead of x); one
 read and one write in the row program. Backward only multiplies the saved dh, dW by the incoming
 scalar: 3 GEMMs in all, the floor. (That scalar is 1 under loss.backward(); any other that is not a power
-of 2 rounds 16-bit dh a second time, ~2^-9 relative.) Not for fp16: e' and alpha h sit far below its range
-(alpha = -g / (T S_y), S_y up to V) until the upstream scalar, a GradScaler's 2^16, arrives in backward; fp16
-takes its gradient in backward through token_logprobs, as plain torch does (4 GEMMs). Masked tokens (m = 0) are dropped before any work. The rounding
-of alpha * h to bf16 adds ~2^-9 relative error per element to dW's terms (measured by emulation at
-T=512, V=16384: dW error 2.3e-3 -> 2.9e-3 vs fp64; naive torch 7.8e-3).
+of 2 rounds 16-bit dh a second time, ~2^-9 relative.) Masked tokens (m = 0) are dropped before any work. The
+rounding of alpha * h to bf16 adds ~2^-9 relative error per element to dW's terms (measured by emulation at
+T=512, V=16384: dW error 2.3e-3 -> 2.9e-3 vs fp64; naive torch 7.8e-3). Not for fp16: e' and alpha h sit far
+below its range (alpha = -g / (T S_y), S_y up to V) until the upstream scalar, a GradScaler's 2^16, arrives in
+backward; fp16 takes its gradient in backward through token_logprobs, as plain torch does (4 GEMMs).
 
 token_logprobs cannot know its upstream gradients during forward, so it saves lse and ent, and
 its backward recomputes x per chunk (4 GEMMs in all) and writes (bf16: from GEMM 1's epilogue, off the

@@ -33,6 +33,7 @@ def _check(hidden, weight, targets, temperature, used=None):
 
 
 def _check_loss_args(targets, logp_sampler, logp_teacher, mask):
+    """The loss's per-token inputs: one value per target."""
     for name, t in (("logp_sampler", logp_sampler), ("logp_teacher", logp_teacher), ("mask", mask)):
         if t.shape != targets.shape:
             raise ValueError(f"{name} must have shape [N] = [{targets.shape[0]}], got {tuple(t.shape)}")
