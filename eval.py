@@ -206,8 +206,10 @@ def extract_choice(completion, finished=False):
     answer), else the last "(C)" -- unless a box holds something else (a value after the options were restated:
     those letters are no answer)."""
     text = final_part(completion, finished)
-    boxes = boxed(text or "", where=True)
-    if text is None or boxes and boxes[-1][2] is None:  # cut off inside its last box: no answer (as grade_math)
+    if text is None:
+        return None
+    boxes = boxed(text, where=True)
+    if boxes and boxes[-1][2] is None:  # cut off inside its last box: no answer (as grade_math)
         return None
     said = [(m.start(), m.group("letter")) for m in _SAID.finditer(text) if not _a_word(m)]
     letters = [(i, m.group(1) or m.group(2)) for i, _, c in boxes if (m := _BOX_LETTER.match(c))]

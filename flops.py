@@ -275,11 +275,12 @@ def print_paper():
           f"{2.7e19 / pre:.1f}x;\nours, with full OPD at the cap = {full / pre:.1f}x (an upper bound).")
     print("""
 Reproducible from the paper alone: only rows whose every rollout reaches its cap, i.e. prefix 256 with the 8B
-student, §5.1's 5.7e17 included (ours is 9% lower, past what 2-digit rounding explains; the paper does not say
-why: verl's own counter is fed prompt + response lengths, and ~24 prompt tokens per rollout would close it). The rest depend on lengths the paper does not report: full OPD
-(rollouts end at EOS, far below 16384 on average), prefix 512-2048 and the 1.7B student's prefix 256 (rollouts
-ending before L: ours is an upper bound, and ratios below 1 say many did), prefix scheduling (L(step) caps lengths
-only until it passes the natural length), SeqKD (QwQ-32B response lengths; §5.1's SeqKD step count is not given).
+student, §5.1's 5.7e17 included (ours is 9% lower, past what 2-digit rounding explains; the paper does not say why:
+verl's own counter is fed prompt + response lengths, and ~24 prompt tokens per rollout would close it). The rest
+depend on lengths the paper does not report: full OPD (rollouts end at EOS, far below 16384 on average), prefix
+512-2048 and the 1.7B student's prefix 256 (rollouts ending before L: ours is an upper bound, and ratios below 1
+say many did), prefix scheduling (L(step) caps lengths only until it passes the natural length), SeqKD (QwQ-32B
+response lengths; §5.1's SeqKD step count is not given).
 'implied' is a uniform length: with spread-out real lengths (larger sum s^2) the true mean is somewhat lower.
 Prefix rows are taken as 60 steps. Another reading fits some 8B rows as well: at their Appendix E steps, prefix
 512 (50) and 1024 (40) come within 1-4% with every rollout at the cap, as prefix 256 does at 60; prefix 2048 does

@@ -27,8 +27,10 @@ def _check(hidden, weight, targets, temperature, used=None):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
-    read = targets if used is None else targets[used]
-    if read.numel() and bool(((read < 0) | (read >= weight.shape[0])).any()):
+    bad = (targets < 0) | (targets >= weight.shape[0])
+    if used is not None:
+        bad &= used
+    if targets.numel() and bool(bad.any()):  # one host sync, as before `used`: opd_loss runs every micro-batch
         raise ValueError(f"targets must lie in [0, {weight.shape[0]}); check the tokenizer's vocab size")
 
 
