@@ -98,10 +98,14 @@ def bias(a, b):
 SHRINK = 0.0 if CUDA else 1e-2
 
 
-def check(mine, truth, torch_, dtype):
-    """mine is finite, and its error is within ~2x plain torch's in the same dtype: in norm and in bias."""
+def check(mine, truth, torch_, dtype, lp_max=0.0):
+    """mine is finite, and its error is within ~2x plain torch's in the same dtype: in norm and in bias.
+    lp_max: the largest |logp| of the case. fp32 holds a logp of -300..-480 to 2^-15 or 2^-14 (3e-5, 6e-5), the
+    kernel's is off by a few of those, and a row's ratio exp(logp - ls) carries that as a scale on its whole
+    gradient: a dozen such rows do not average it away, and which way it falls depends on the BLAS's summation
+    order (a 1.5e-5 bias in dW on an AVX-512 CPU, 2e-6 in torch's there; the error norms equal)."""
     err, err_t, b, b_t = rel(mine, truth), rel(torch_, truth), bias(mine, truth), abs(bias(torch_, truth))
-    slack, shrink = (1e-5, 0.0) if dtype == FP32 else (1e-3, SHRINK)
+    slack, shrink = (max(1e-5, torch.finfo(FP32).eps * lp_max), 0.0) if dtype == FP32 else (1e-3, SHRINK)
     assert torch.isfinite(mine).all()
     assert within(err, err_t, dtype), f"error {err:.2e}, torch's {err_t:.2e}"
     if err_t < 3e-2:  # (else a few rows far off, e.g. logits of +-200 in bf16, dominate, and the bias is their noise)
@@ -333,7 +337,7 @@ def test_opd_loss_far_targets_are_redone(dtype, epi):
     lpt = naive_token_logprobs(h, w, y, 1.0)[0]
     check(st["logp"], lp64, lpt, dtype)
     for mine, truth, torch_ in ((dh, dh64, dht), (dw, dw64, dwt)):
-        check(mine, truth, torch_, dtype)
+        check(mine, truth, torch_, dtype, lp_max=-lp64.min().item())
     # the loss is its own logp's (whose error is checked above; one scalar of a few rows is too noisy to compare)
     assert loss.item() == pytest.approx((torch.exp(st["logp"] - ls) * (ls - lt)).sum().item() / N, rel=1e-5)
 
@@ -543,7 +547,9 @@ def test_bench_breakdown_runs(monkeypatch, capsys):
     monkeypatch.setattr(triton.testing, "do_bench", lambda f, **kw: (f(), launched.append(f), 1.0)[-1])
     bench.breakdown(1007, 64, 96, torch.device(DEV))
     out = capsys.readouterr().out
-    assert len(launched) == 16 and "GEMM 1 + epilogue: BM=" in out and "3-GEMM floor" in out, out
+    steps = [l for l in out.splitlines() if l.rstrip().endswith(("ms", "(for reference)")) and " ms " in l]
+    assert len(steps) >= 15 and len(launched) == len(steps) + 1, out  # every step, then the floor
+    assert "GEMM 1 + epilogue: BM=" in out and "3-GEMM floor" in out, out
 
 
 def test_bench_host_timing_runs():
@@ -561,21 +567,30 @@ def test_bench_host_timing_runs():
 
 
 @pytest.mark.parametrize("epi", [True, False])
-def test_bench_diagnose_plan(monkeypatch, capsys, epi):
+@pytest.mark.parametrize("ab", [False, True])
+def test_bench_diagnose_plan(monkeypatch, capsys, tmp_path, epi, ab):
     """Which diagnostics a GPU run gets (each stood in for: they need CUDA): both paths' profiles, the breakdown and
-    the sweeps where GEMM 1 + epilogue runs; only the cuBLAS + row path where it does not."""
+    the sweeps where GEMM 1 + epilogue runs; only the cuBLAS + row path where it does not. With ab (--diagnose),
+    ours' paths and vs in interleaved rounds first, and each path's forward-only profile before its fwd+bwd one."""
     from kernels import bench
     ran = []
     monkeypatch.setattr(fused, "GEMM_EPILOGUE", epi)
-    monkeypatch.setattr(bench, "profile", lambda V, H, T, dev, mod=fused, label="ours", path=None: ran.append(
-        ("profile", label, path)))
+    monkeypatch.setattr(bench, "profile", lambda V, H, T, dev, mod=fused, label="ours", path=None, fwd_only=False:
+                        ran.append(("profile", label, path) + (("fwd",) if fwd_only else ())))
+    monkeypatch.setattr(bench, "interleaved", lambda meths, *a: ran.append(("interleaved", sorted(meths))) or [
+        dict(method="ours", x_floor=1.0)])
     for name in ("breakdown", "row_kernel_sweep", "gemm_sweep"):
         monkeypatch.setattr(bench, name, lambda *a, name=name: ran.append((name,)))
-    bench.diagnose(1007, (64,), 96, torch.device(DEV), "unused", vs="vs module")
-    paths = [("profile", "ours", "epilogue")] if epi else []
-    assert ran == [("row_kernel_sweep",)] + paths + [("profile", "ours", "cublas+row"), ("profile", "vs", None)] + (
-        [("breakdown",), ("gemm_sweep",)] if epi else []), ran
+    meths = {k: (None, None) for k in ("cublas_gemm", "ours", "ours_cublas+row", "torch", "vs")}
+    bench.diagnose(1007, (64,), 96, torch.device(DEV), str(tmp_path), sweeps=not ab, vs="vs module",
+                   ab=meths if ab else None)
+    paths = (["epilogue"] if epi else []) + ["cublas+row"]
+    profiles = [("profile", "ours", p) + f for p in paths for f in ([("fwd",), ()] if ab else [()])]
+    assert ran == ([("interleaved", ["ours", "ours_cublas+row", "vs"])] if ab else [("row_kernel_sweep",)]) + (
+        profiles + [("profile", "vs", None)] + ([("breakdown",)] if epi else [])
+        + ([("gemm_sweep",)] if epi and not ab else [])), ran
     assert ("is off here" in capsys.readouterr().out) != epi
+    assert (tmp_path / "interleaved.csv").exists() == ab
 
 
 def test_bench_tiny_runs(tmp_path):
