@@ -154,9 +154,9 @@ def final_part(completion, finished=False):
 _BOX = re.compile(r"\\boxed(?:\s*\{|\s+([^\s${}\\]+))")  # \boxed{...}, or \boxed 5 (valid LaTeX, and models write it)
 
 
-def boxed(text, where=False):
-    """Contents of the \\boxed{...} (braces matched) and \\boxed 5 in text, in order; an unclosed one (cut off) ends
-    them as None. where: (start, end offset, content) triples."""
+def boxed(text):
+    """The \\boxed{...} (braces matched) and \\boxed 5 in text, in order, as (start, end offset, content) triples; an
+    unclosed one (cut off) ends them with content None."""
     out, pos = [], 0
     while m := _BOX.search(text, pos):
         if m.group(1) is not None:  # \boxed 5.: LaTeX boxes one token; the sentence's full stop is not the answer's
@@ -174,7 +174,15 @@ def boxed(text, where=False):
             out.append((m.start(), len(text), None))
             break
         pos = j
-    return out if where else [c for _, _, c in out]
+    return out
+
+
+def answer_part(completion, finished=False):
+    """(final part, its boxes as boxed() gives them), or (None, None) where there is no answer: no final part, or cut
+    off inside its last box (not the box before it)."""
+    text = final_part(completion, finished)
+    boxes = boxed(text) if text is not None else []
+    return (None, None) if text is None or boxes and boxes[-1][2] is None else (text, boxes)
 
 
 # A box that holds an option: \boxed{C}, \boxed{\text{(C)}}, \boxed{\mathbf{c}}, \boxed{C. 3.1 eV}, \boxed{(C) 3.1 eV}
@@ -205,11 +213,8 @@ def extract_choice(completion, finished=False):
     """The last option letter of the final answer: the last explicit answer (a boxed letter, or one said as the
     answer), else the last "(C)" -- unless a box holds something else (a value after the options were restated:
     those letters are no answer)."""
-    text = final_part(completion, finished)
+    text, boxes = answer_part(completion, finished)
     if text is None:
-        return None
-    boxes = boxed(text, where=True)
-    if boxes and boxes[-1][2] is None:  # cut off inside its last box: no answer (as grade_math)
         return None
     said = [(m.start(), m.group("letter")) for m in _SAID.finditer(text) if not _a_word(m)]
     letters = [(i, m.group(1) or m.group(2)) for i, _, c in boxes if (m := _BOX_LETTER.match(c))]
@@ -229,11 +234,8 @@ def grade_math(completion, gold, finished=False):
     """(extracted answer, correct) with math-verify. Runs in a worker process's main thread, where
     math-verify's SIGALRM timeouts work (they fail in threads), and a hang cannot stall the caller."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-    text = final_part(completion, finished)
+    text, boxes = answer_part(completion, finished)
     if text is None:
-        return None, False
-    boxes = boxed(text, where=True)
-    if boxes and boxes[-1][2] is None:  # cut off inside its last box: no answer (not the box before it)
         return None, False
     last = boxes[-1][2] if boxes else None  # the last \boxed{}: math-verify would join all boxes into a set
     # unboxed text: only anchored answers ("the final answer is 3"), not any number ("... in 7 steps")

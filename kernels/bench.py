@@ -262,27 +262,28 @@ def interleaved(meths, h, w, y, c, opd, dev, rounds=25):
         torch.cuda.synchronize()
         return start.elapsed_time(end)
 
-    for _, _, fn in calls:  # compiles and autotuning out of the way (the table above ran them already)
+    for _, _, fn in calls:  # compiles and autotuning out of the way (under --diagnose nothing has run them yet)
         once(lambda: fn(h, w, y, c, opd))
-    ratios = {(name, mode, f): [] for name, mode, _ in calls for f in ("1", "3") if f == "1" or mode != "fwd"}
+    one, three = "one GEMM", "3 GEMMs in a row"  # the floors
+    ratios = {(name, mode, f): [] for name, mode, _ in calls for f in (one, three) if f == one or mode != "fwd"}
     for r in range(rounds if cuda else 1):
         k = r % len(calls)
         for name, mode, fn in calls[k:] + calls[:k]:
             f = once(floor)
             ms = once(lambda: fn(h, w, y, c, opd))
-            ratios[name, mode, "1"].append(ms / (f * (1 if mode == "fwd" else 3)))
+            ratios[name, mode, one].append(ms / (f * (1 if mode == "fwd" else 3)))
             if mode != "fwd":
-                ratios[name, mode, "3"].append(ms / once(lambda: floor(3)))
+                ratios[name, mode, three].append(ms / once(lambda: floor(3)))
     h.grad = w.grad = None
     print(f"\ninterleaved with the floor, T={T}, H={H}, {len(next(iter(ratios.values())))} rounds: x floor (fwd+bwd: "
           "3 x one GEMM, then three GEMMs back to back), median [quartiles], then each round")
     out = []
     for (name, mode, f), rs in ratios.items():
         q = statistics.quantiles(rs, n=4) if len(rs) > 1 else rs * 3
-        print(f"  {name:17s} {mode if f == '1' else ' 3 GEMMs':8s} {statistics.median(rs):6.3f} "
+        print(f"  {name:17s} {mode if f == one else ' 3 GEMMs':8s} {statistics.median(rs):6.3f} "
               f"[{q[0]:.3f}, {q[2]:.3f}]   " + " ".join(f"{r:.3f}" for r in rs))
-        out.append(dict(method=name, mode=mode, floor="one GEMM" if f == "1" else "3 GEMMs in a row", T=T, H=H,
-                        x_floor=statistics.median(rs), q1=q[0], q3=q[2], rounds=" ".join(f"{r:.4f}" for r in rs)))
+        out.append(dict(method=name, mode=mode, floor=f, T=T, H=H, x_floor=statistics.median(rs), q1=q[0], q3=q[2],
+                        rounds=" ".join(f"{r:.4f}" for r in rs)))
     return out
 
 

@@ -149,20 +149,19 @@ def bad_inputs(tmp_path):
     not_obj.write_text('"1+1"\n')
     bad_heldout = tmp_path / "heldout.jsonl"
     bad_heldout.write_text('{"problem": "1+1", "answer": "2"}\n')
-    other_tok = tmp_path / "teacher"  # the teacher with another chat template
-    other_tok.mkdir()
-    for f in embedded.TEACHER_DIR.iterdir():
-        (other_tok / f.name).write_bytes(f.read_bytes())
-    tc = json.loads((other_tok / "tokenizer_config.json").read_text())
-    tc["chat_template"] = "{{ messages[0]['content'] }}"
-    (other_tok / "tokenizer_config.json").write_text(json.dumps(tc))
-    (other_tok / "chat_template.jinja").unlink(missing_ok=True)
-    no_template = tmp_path / "no-template"
-    shutil.copytree(embedded.TEACHER_DIR, no_template)
-    tc = json.loads((no_template / "tokenizer_config.json").read_text())
-    tc.pop("chat_template", None)
-    (no_template / "tokenizer_config.json").write_text(json.dumps(tc))
-    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+
+    def teacher_with(name, template):  # the teacher with another chat template (None: none at all)
+        d = tmp_path / name
+        shutil.copytree(embedded.TEACHER_DIR, d)
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        tc.pop("chat_template", None)
+        if template is not None:
+            tc["chat_template"] = template
+        (d / "tokenizer_config.json").write_text(json.dumps(tc))
+        (d / "chat_template.jinja").unlink(missing_ok=True)
+        return d
+    other_tok = teacher_with("teacher", "{{ messages[0]['content'] }}")
+    no_template = teacher_with("no-template", None)
     q_number = tmp_path / "qnumber.jsonl"
     q_number.write_text('{"question": 5}\n')
     latin1 = tmp_path / "latin1.csv"
